@@ -112,7 +112,7 @@ def _read_table(path: Path) -> list[tuple[int, object]]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path, dtype=object, keep_default_na=False) if path.suffix == ".csv" \
+        frame = pd.read_csv(path, dtype=object, keep_default_na=False) if path.suffix.lower() == ".csv" \
             else pd.read_parquet(path)
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (byte {err.start})") from None
@@ -121,8 +121,13 @@ def _read_table(path: Path) -> list[tuple[int, object]]:
     missing = [name for name in REQUIRED_FIELDS if name not in frame.columns]
     if missing:
         raise DataError(f"{path} has no column {missing}; KoAlpaca files need columns instruction, output (url optional)")
-    return [(i, {k: (None if v is None else v) for k, v in rec.items()})
+    # Empty cells come back as None or NaN depending on the column type; both mean "missing".
+    return [(i, {k: (None if _is_nan(v) else v) for k, v in rec.items()})
             for i, rec in enumerate(frame.to_dict(orient="records"), start=1)]
+
+
+def _is_nan(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def _read_hub(name: str, revision: str | None) -> list[tuple[int, object]]:
@@ -186,7 +191,7 @@ def validate_rows(rows, report: DataReport, formatter=None, tokenizer=None, max_
                 clean[name] = value.strip()
         for name in OPTIONAL_TEXT_FIELDS:
             value = record.get(name)
-            if value is None or (isinstance(value, float) and value != value):  # None or NaN from a table
+            if _is_nan(value):
                 clean[name] = ""
             elif not isinstance(value, str):
                 report.add(number, name, "wrong_type", f"{type(value).__name__}, not text"); ok = False
@@ -347,8 +352,11 @@ def encode_example(row: dict, tokenizer, recipe: str, template: str = "koalpaca"
         text = full_text(row, tokenizer, template) + tokenizer.eos_token
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-    prompt_ids = tokenizer(format_prompt(row["instruction"], row.get("context", ""), tokenizer, template))["input_ids"]
-    answer_ids = tokenizer(format_answer(row["output"], template), add_special_tokens=False)["input_ids"]
+    # split_special_tokens: a row that mentions "<eos>" as text must not put a real EOS mid-answer.
+    prompt_ids = tokenizer(format_prompt(row["instruction"], row.get("context", ""), tokenizer, template),
+                           split_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(format_answer(row["output"], template), add_special_tokens=False,
+                           split_special_tokens=True)["input_ids"]
     ids = prompt_ids + answer_ids + [tokenizer.eos_token_id]
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
     ids, labels = ids[:max_length], labels[:max_length]

@@ -259,3 +259,59 @@ def replay_batch(model, batch, context=None, assume_dtype=torch.float16):
         probe.loss = float(out.loss.float()) if getattr(out, "loss", None) is not None else None
     model.train(was_training)
     return probe
+
+
+def diagnosis(finding: CollapseFinding, records: list[StepRecord], precision: str, probe=None,
+              fixed_finding: CollapseFinding | None = None, fixed_precision: str | None = None,
+              fixed_records: list[StepRecord] | None = None) -> str:
+    """A plain-language diagnosis built only from a run's measurements (nothing here is fixed text about the
+    outcome: each sentence is chosen and filled from the trace)."""
+    lines = []
+    if not finding.collapsed:
+        lines.append(f"The {precision} run did not collapse in {finding.steps_seen} steps "
+                     f"({finding.nonfinite_steps} non-finite steps, {finding.steps_skipped} skipped optimizer steps).")
+    else:
+        finite_before = [r.raw_loss for r in records if r.finite and r.step < finding.first_nonfinite_step]
+        lines.append(f"The {precision} run collapsed: its first non-finite loss came at step "
+                     f"{finding.first_nonfinite_step}, and from step {finding.nonfinite_streak_from} every step was "
+                     f"non-finite" + (f" (the last finite raw loss before it was {finite_before[-1]:.3f})."
+                                      if finite_before else "."))
+        zero_logs = [r for r in records if r.logged_loss == 0.0]
+        logs = [r for r in records if r.logged_loss is not None]
+        if zero_logs:
+            lines.append(f"The Trainer logged exactly 0.0 in {len(zero_logs)} of {len(logs)} logs, from step "
+                         f"{zero_logs[0].step}: those windows held only NaN losses, which logging_nan_inf_filter "
+                         f"replaces by the running mean (0 right after a log). It is not a real loss of 0.")
+        elif logs:
+            lines.append(f"No logged loss was 0.0 in {len(logs)} logs (the run stopped before a whole logging "
+                         f"window was non-finite, or it logged too rarely).")
+        frozen = [r for r in records if r.step >= finding.nonfinite_streak_from]
+        if frozen and len({r.learning_rate for r in frozen}) == 1:
+            lines.append(f"The learning rate stayed at {frozen[0].learning_rate:.4g} for the last {len(frozen)} steps: "
+                         f"every optimizer step was skipped ({finding.steps_skipped} of {finding.steps_seen} in all), "
+                         f"and Trainer does not step the LR schedule after a skipped step.")
+        scales = [r.loss_scale for r in records if r.loss_scale is not None]
+        if scales:
+            lines.append(f"The loss scale went from {max(scales):.4g} to {scales[-1]:.4g}"
+                         + (" (effectively 0)." if scales[-1] < 1e-3 else "."))
+    if probe is not None and probe.first_nonfinite:
+        stats = probe.stats[probe.first_nonfinite]
+        lines.append(f"Replaying the first failing batch, the first module whose output left fp16's range was "
+                     f"{probe.first_nonfinite} (largest finite |activation| there {stats['max_abs']:.4g}; fp16 max 65504).")
+    elif probe is not None:
+        tightest = min(probe.stats.values(), key=lambda s: s["headroom"], default=None)
+        if tightest:
+            lines.append(f"The replay found no module overflowing; the least headroom was {tightest['headroom']:.3g}x "
+                         f"at {tightest['module']}.")
+    if fixed_finding is not None and fixed_records:
+        first, last = fixed_records[0].raw_loss, fixed_records[-1].raw_loss
+        if not fixed_finding.collapsed and finding.collapsed:
+            lines.append(f"The same settings in {fixed_precision} ran {fixed_finding.steps_seen} steps with "
+                         f"{fixed_finding.nonfinite_steps} non-finite losses (raw loss {first:.3f} -> {last:.3f}): the "
+                         f"failure comes from fp16's range, and a precision with fp32's range fixes it.")
+        elif fixed_finding.collapsed:
+            lines.append(f"The {fixed_precision} run collapsed too ({fixed_finding.text()}): fp16's range is not the "
+                         f"whole story at these settings; look at the learning rate.")
+        else:
+            lines.append(f"The {fixed_precision} run was healthy as well ({first:.3f} -> {last:.3f}).")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ matrix products there are ~200x slower than fp32. The collapse the blog users hi
 (values above 65504 become inf, then NaN), so this module reproduces the range, not the rounding cost:
 
 - forward: the ops autocast runs in fp16 on a GPU (linear, matmul, bmm, baddbmm, addmm, attention) compute in
-  fp32, and their floating inputs and outputs are rounded to fp16 values (so an overflow becomes inf exactly
+  fp32, and their floating activations (inputs and outputs; not the weights) are rounded to fp16 values (so an overflow becomes inf exactly
   where the GPU's would); gradients pass straight through in fp32. Rounding in the backward as well made
   gradients overflow far more often than on the real GPU, so it is not done.
 - regions where the model turns autocast off (transformers computes rotary angles with autocast disabled) are
@@ -58,11 +58,16 @@ class Fp16RangeMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in AUTOCAST_FP16_OPS or not torch.is_autocast_enabled("cpu"):
             return func(*args, **kwargs)
-        if func is _F.scaled_dot_product_attention and "attn_mask" in kwargs:
-            mask = kwargs.pop("attn_mask")  # keep the mask's -inf/min values as they are
+        if func is _F.linear:
+            # Only the activation is rounded: weights sit far inside fp16's range, and rounding them would cost a
+            # pass over the 168M-entry tied embedding every step while changing nothing about range.
+            args = (round_to_fp16(args[0]),) + tuple(args[1:])
+        elif func is _F.scaled_dot_product_attention:
+            mask = kwargs.pop("attn_mask", None)  # keep the mask's -inf/min values as they are
             args = tuple(round_to_fp16(a) for a in args)
             kwargs = {k: round_to_fp16(v) for k, v in kwargs.items()}
-            kwargs["attn_mask"] = mask
+            if mask is not None:
+                kwargs["attn_mask"] = mask
         else:
             args = tuple(round_to_fp16(a) for a in args)
             kwargs = {k: round_to_fp16(v) for k, v in kwargs.items()}

@@ -165,7 +165,7 @@ def _lab_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_scaler is None or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            with fp16_range():
+            with fp16_range():  # forward only: the backward stays in fp32 (see helpers.fp16_emulation)
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if return_outputs else result
             scaled = loss * self.loss_scaler.scale
@@ -264,6 +264,12 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     precision = effective_precision(recipe.precision)
+    if precision == "fp16_emulated" and recipe.gradient_checkpointing:
+        # Checkpointing recomputes the forward inside backward, outside the emulation (and under a restored CPU
+        # bf16 autocast); it changes memory, not the math, so the emulated run goes without it.
+        recipe = replace(recipe, gradient_checkpointing=False)
+        if verbose:
+            print("fp16 emulation: gradient checkpointing off (same math, no recompute outside the emulation)")
     set_seed(recipe.seed)
     if model is None:
         model, tokenizer = load_model(model_id, revision=revision, quantization=recipe.quantization,
@@ -319,6 +325,8 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
         "logged_losses": [(h["step"], h["loss"]) for h in logs], "eval_losses": [(h["step"], h["eval_loss"]) for h in evals],
         "final_train_loss": logs[-1]["loss"] if logs else None, "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "collapse": asdict(finding), "collapse_text": finding.text(), "stopped_at": monitor.stopped_at,
+        "final_learning_rate": monitor.records[-1].learning_rate if monitor.records else None,
+        "final_loss_scale": monitor.records[-1].loss_scale if monitor.records else None,
         "resumed_from": checkpoint, "adapter_dir": str(adapter_dir) if save_adapter else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
@@ -344,6 +352,6 @@ def _finish_wandb():
     try:
         import wandb
         if wandb.run is not None:
-            wandb.finish(quiet=True)
+            wandb.finish()
     except ImportError:
         pass

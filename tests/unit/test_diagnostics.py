@@ -1,0 +1,120 @@
+"""The collapse monitor on a run that collapses and one that does not, and the headroom probe on a planted overflow."""
+import math
+
+import pytest
+import torch
+
+from helpers.diagnostics import HeadroomProbe, StepRecord, detect_collapse, read_trace
+from helpers.fp16_emulation import FP16_MAX, fp16_range
+from helpers.training import blog_recipe, train
+
+
+def _rows(tmp_path, n=40):
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"instruction": f"{i} 더하기 {i + 1}는 얼마인가요?",
+                                     "output": f"{i}에 {i + 1}을 더하면 {2 * i + 1}입니다."}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def _run(tiny_model_dir, tmp_path, precision, learning_rate, name, max_steps=40):
+    recipe = blog_recipe(quantization="none", precision=precision, learning_rate=learning_rate, max_steps=max_steps,
+                         logging_steps=5, lora_targets="all", optimizer="adamw_torch", max_grad_norm=0.0,
+                         gradient_checkpointing=False)
+    return train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path), out_dir=tmp_path / name,
+                 report_to="none", save_adapter=False, verbose=False)
+
+
+def test_monitor_sees_the_full_signature_of_a_collapse(tiny_model_dir, tmp_path):
+    # A huge learning rate blows up the LoRA weights until activations pass fp16's max: fp16 overflows, fp32 does not.
+    run = _run(tiny_model_dir, tmp_path, "fp16_emulated", 50.0, "collapse")
+    finding = run.monitor.finding()
+    assert finding.collapsed
+    assert finding.first_nonfinite_step is not None and finding.nonfinite_streak_from >= finding.first_nonfinite_step
+    assert finding.lr_frozen_from is not None and finding.scale_to_zero_step is not None
+    assert finding.fake_zero_log_step is not None  # the Trainer logged 0.0 while the raw loss was NaN
+    trace = read_trace(tmp_path / "collapse" / "trace.jsonl")
+    assert len(trace) == 40 and [r.step for r in trace] == list(range(1, 41))
+    dead = [r for r in trace if r.step >= finding.nonfinite_streak_from]
+    assert all(r.skipped and not r.finite for r in dead)
+    assert len({r.learning_rate for r in dead}) == 1
+    zero_logs = [r for r in trace if r.logged_loss == 0.0]
+    assert zero_logs and all(not r.finite for r in zero_logs)
+
+
+def test_monitor_reports_no_collapse_on_a_healthy_run(tiny_model_dir, tmp_path):
+    run = _run(tiny_model_dir, tmp_path, "fp32", 1e-3, "healthy", max_steps=20)
+    finding = run.monitor.finding()
+    assert not finding.collapsed and finding.nonfinite_steps == 0 and finding.steps_skipped == 0
+    assert all(math.isfinite(r.raw_loss) for r in run.monitor.records)
+    lrs = [r.learning_rate for r in run.monitor.records]
+    assert lrs[0] > lrs[-1]  # the linear schedule advanced
+
+
+def test_stop_mode_ends_the_run_and_keeps_the_last_good_adapter(tiny_model_dir, tmp_path):
+    recipe = blog_recipe(quantization="none", precision="fp16_emulated", learning_rate=50.0, max_steps=40,
+                         logging_steps=5, lora_targets="all", optimizer="adamw_torch", max_grad_norm=0.0,
+                         gradient_checkpointing=False)
+    run = train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path), out_dir=tmp_path / "stop",
+                report_to="none", on_collapse="stop", save_adapter=False, verbose=False)
+    assert run.monitor.stopped_at is not None and run.summary["global_step"] == run.monitor.stopped_at < 40
+    saved = tmp_path / "stop" / "last_good"
+    assert (saved / "adapter_model.safetensors").exists()
+    good_step = int((saved / "step.txt").read_text())
+    assert good_step < run.monitor.finding().nonfinite_streak_from
+    assert all(torch.isfinite(p).all() for p in run.model.parameters() if p.requires_grad)
+
+
+def test_detect_collapse_ignores_isolated_overflows():
+    # A healthy fp16 run skips a step now and then while its scale settles: that is not a collapse.
+    records = [StepRecord(step=i, raw_loss=float("nan") if i in (3, 50) else 2.0, finite=i not in (3, 50),
+                          skipped=i in (3, 50), learning_rate=1e-4 * (1 - i / 100), loss_scale=65536.0,
+                          grad_norm=1.0) for i in range(1, 101)]
+    finding = detect_collapse(records)
+    assert not finding.collapsed and finding.first_nonfinite_step == 3 and finding.nonfinite_steps == 2
+
+
+class _Planted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = torch.nn.Linear(4, 4)
+        self.big = torch.nn.Linear(4, 4)
+        self.after = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            self.small.weight.fill_(0.1)
+            self.big.weight.fill_(40000.0)  # 4 inputs of 1.0 -> 160000 per output, past fp16's 65504
+
+    def forward(self, x):
+        return self.after(self.big(self.small(x) * 10))
+
+
+def test_headroom_probe_names_the_planted_overflow():
+    model = _Planted()
+    x = torch.ones(2, 4)
+    with HeadroomProbe(model) as probe, fp16_range():
+        model(x)
+    assert probe.first_nonfinite == "big"
+    assert probe.stats["small"]["headroom"] > 1 and not probe.stats["small"]["nonfinite"]
+    assert probe.stats["big"]["nonfinite"]
+    table = probe.table()
+    assert list(table["module"]) == ["small", "big", "after"]
+
+
+def test_headroom_probe_in_fp32_reports_headroom_below_one_without_overflow():
+    model = _Planted()
+    with HeadroomProbe(model) as probe:
+        model(torch.ones(2, 4))
+    assert probe.first_nonfinite is None
+    assert probe.stats["big"]["max_abs"] > FP16_MAX and probe.stats["big"]["headroom"] < 1
+
+
+def test_emulation_keeps_fp32_range_outside_autocast_regions():
+    big = torch.full((2, 2), 1e5)
+    with fp16_range():
+        assert torch.isinf(torch.matmul(big, torch.eye(2))).all()
+        with torch.autocast("cpu", enabled=False):  # like transformers' rotary embedding
+            assert torch.isfinite(torch.matmul(big, torch.eye(2))).all()
+    assert torch.isfinite(torch.matmul(big, torch.eye(2))).all()
