@@ -145,21 +145,33 @@ def _read_hub(name: str, revision: str | None) -> list[tuple[int, object]]:
 def read_rows(source: str, revision: str | None = None, report: DataReport | None = None) -> list[tuple[int, object]]:
     """Raw ``(row_number, record)`` pairs from a local file or a hub id, before validation."""
     report = report if report is not None else DataReport(str(source))
+    kind = check_source(source)
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".csv", ".parquet"):
-        if not path.is_file():
-            raise DataError(f"data file not found: {path}")
+    if kind == "file":
         if suffix == ".jsonl":
             return _read_jsonl(path, report)
         if suffix == ".json":
             return _read_json(path, report)
         return _read_table(path)
+    return _read_hub(str(source), revision)
+
+
+def check_source(source: str) -> str:
+    """``"shipped"``, ``"file"`` or ``"hub"``; a DataError for a missing or unsupported file. Cheap, so a run
+    can check its data before it loads a model."""
+    if source == SHIPPED:
+        return SHIPPED
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        return "file"
     if path.exists():
         raise DataError(f"unsupported data file {path}: use .jsonl, .json, .csv or .parquet")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise DataError(f"data file not found and not a hub id (owner/name): {source}")
-    return _read_hub(str(source), revision)
+    return "hub"
 
 
 def validate_rows(rows, report: DataReport, formatter=None, tokenizer=None, max_length: int | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class StepRecord:
     loss_scale: float | None
     grad_norm: float | None
     logged_loss: float | None = None
+    seconds: float | None = None  # wall time since the monitor started
 
 
 @dataclass
@@ -88,8 +90,8 @@ class CollapseMonitor(TrainerCallback):
     """Trainer callback that traces every optimizer step and detects the collapse.
 
     Use with :class:`helpers.training.LabTrainer` (which hands it the raw loss before the logging filter).
-    on_collapse: ``"record"`` keeps training and records; ``"stop"`` ends the run once the collapse is certain,
-    puts back the adapter weights of the last step with a finite loss, and saves them to ``out_dir/last_good``.
+    on_collapse: ``"record"`` keeps training and records; ``"stop"`` ends the run once the collapse is certain
+    (see :meth:`collapse_is_certain`), puts back the adapter weights of the last step with a finite loss, and saves them to ``out_dir/last_good``.
     """
 
     def __init__(self, out_dir: str | Path, on_collapse: str = "record", streak: int = 10, wandb_log: bool = False,
@@ -100,13 +102,14 @@ class CollapseMonitor(TrainerCallback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.trace_path = self.out_dir / "trace.jsonl"
         self.records: list[StepRecord] = list(previous or [])
-        self.trace_path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.records))
+        self._rewrite_trace()
         self.on_collapse, self.streak, self.wandb_log = on_collapse, streak, wandb_log
         self.trainer = None
         self.stopped_at: int | None = None
         self._good_state: dict | None = None
         self._good_step: int | None = None
         self._pending: dict = {}
+        self._started = time.perf_counter()
 
     def attach(self, trainer):
         self.trainer = trainer
@@ -128,7 +131,8 @@ class CollapseMonitor(TrainerCallback):
         record = StepRecord(step=state.global_step, raw_loss=raw, finite=math.isfinite(raw),
                             skipped=bool(trainer.accelerator.optimizer_step_was_skipped),
                             learning_rate=float(trainer.lr_scheduler.get_last_lr()[0]), loss_scale=scale,
-                            grad_norm=self._pending.get("grad_norm"))
+                            grad_norm=self._pending.get("grad_norm"),
+                            seconds=round(time.perf_counter() - self._started, 3))
         self._pending = {}
         self.records.append(record)
         if record.finite and not record.skipped:
@@ -141,11 +145,23 @@ class CollapseMonitor(TrainerCallback):
             _wandb_log({"monitor/raw_loss": raw if record.finite else None, "monitor/finite": int(record.finite),
                         "monitor/skipped": int(record.skipped), "monitor/loss_scale": scale,
                         "monitor/learning_rate": record.learning_rate}, record.step)
-        if self.on_collapse == "stop" and self.stopped_at is None and detect_collapse(self.records, self.streak).collapsed:
+        if self.on_collapse == "stop" and self.stopped_at is None and self.collapse_is_certain():
             self.stopped_at = record.step
             control.should_training_stop = True
             self.restore_last_good(kwargs.get("model") or trainer.model)
         return control
+
+    def collapse_is_certain(self) -> bool:
+        """A non-finite streak, and the rest of the signature shown: a logged 0.0 and, where there is a loss
+        scaler, its scale near 0. A streak five times the threshold is enough on its own."""
+        finding = detect_collapse(self.records, self.streak)
+        if not finding.collapsed:
+            return False
+        trailing = next((i for i, r in enumerate(reversed(self.records)) if r.finite), len(self.records))
+        if trailing >= 5 * self.streak:
+            return True
+        has_scaler = self.records[-1].loss_scale is not None
+        return finding.fake_zero_log_step is not None and (not has_scaler or finding.scale_to_zero_step is not None)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -153,6 +169,12 @@ class CollapseMonitor(TrainerCallback):
                 if record.step == state.global_step:
                     record.logged_loss = float(logs["loss"])
                     break
+            self._rewrite_trace()  # steps are appended as they end; the logged loss arrives just after
+
+    def _rewrite_trace(self):
+        partial = self.trace_path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.records))
+        partial.replace(self.trace_path)
 
     def restore_last_good(self, model):
         """Put back the adapter weights of the last finite step and save them under out_dir/last_good."""

@@ -65,3 +65,93 @@ def ask(model, tokenizer, instruction: str, context: str = "", template: str = "
             "new_tokens": n_new, "ended_with_eos": ended, "time_to_first_token_s": round(first, 3),
             "tokens_per_s": round((n_new - 1) / decode_time, 2) if n_new > 1 else 0.0,
             "total_s": round(total, 3)}
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_size: int = 8) -> float:
+    """exp(mean loss over answer tokens and the EOS), prompt tokens excluded: how well the model predicts the
+    reference answers and where they end."""
+    from helpers.data import encode_example, make_collator
+
+    model.eval()
+    collate = make_collator(tokenizer, "fixed")
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    examples = [encode_example(row, tokenizer, "fixed", template, max_length=4096) for row in rows]
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                   reduction="sum")
+        total_loss += float(losses)
+        total_tokens += int((labels != -100).sum())
+    return float(torch.exp(torch.tensor(total_loss / max(total_tokens, 1))))
+
+
+def distinct_n(tokens: list[str], n: int) -> float:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(tokens: list[str], n: int = 3) -> float:
+    """Share of n-grams that already appeared earlier in the same text (loops score high)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+_KIWI = None
+
+
+def morphemes(text: str) -> list[str]:
+    """Korean morphemes (kiwipiepy), so that overlap is not fooled by particles glued to words."""
+    global _KIWI
+    if _KIWI is None:
+        from kiwipiepy import Kiwi
+        _KIWI = Kiwi()
+    return [token.form for token in _KIWI.tokenize(text)]
+
+
+def morpheme_f1(answer: str, reference: str) -> float:
+    """Unigram F1 between the morphemes of an answer and of the reference answer."""
+    from collections import Counter
+
+    got, want = Counter(morphemes(answer)), Counter(morphemes(reference))
+    common = sum((got & want).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(got.values()), common / sum(want.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def evaluate_generations(model, tokenizer, rows, label: str, max_new_tokens: int = 128, template: str = "koalpaca",
+                         seed: int = 42, **sampling) -> tuple[dict, list[dict]]:
+    """Generate for every row and measure: EOS share, length, repetition, morpheme F1, speed.
+
+    Returns (metrics, per-answer rows). Greedy decoding by default so that runs compare like with like.
+    """
+    from tqdm.auto import tqdm
+
+    sampling = {"do_sample": False, "repetition_penalty": 1.0, **sampling}
+    answers = []
+    for row in tqdm(rows, desc=f"generating ({label})"):
+        result = ask(model, tokenizer, row["instruction"], context=row.get("context", ""), template=template,
+                     stream=False, seed=seed, max_new_tokens=max_new_tokens, **sampling)
+        tokens = morphemes(result["answer"])
+        answers.append({**result, "model": label, "reference": row["output"],
+                        "morpheme_f1": morpheme_f1(result["answer"], row["output"]),
+                        "distinct_2": distinct_n(tokens, 2), "repeated_3gram_share": repeated_ngram_share(tokens, 3)})
+    n = max(len(answers), 1)
+    metrics = {
+        "model": label, "answers": len(answers),
+        "share_ended_with_eos": sum(a["ended_with_eos"] for a in answers) / n,
+        "mean_answer_tokens": sum(a["new_tokens"] for a in answers) / n,
+        "distinct_2": sum(a["distinct_2"] for a in answers) / n,
+        "repeated_3gram_share": sum(a["repeated_3gram_share"] for a in answers) / n,
+        "morpheme_f1": sum(a["morpheme_f1"] for a in answers) / n,
+        "median_time_to_first_token_s": sorted(a["time_to_first_token_s"] for a in answers)[len(answers) // 2] if answers else None,
+        "mean_tokens_per_s": sum(a["tokens_per_s"] for a in answers) / n,
+    }
+    return metrics, answers

@@ -167,7 +167,9 @@ def resolve_source(model_id: str, cache_dir: str | Path | None = None, verbose: 
 
 
 def _hub_error(model_id: str, revision: str | None, err: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
     hint = ("HF_HUB_OFFLINE=1 is set and the model is not in the local cache" if offline else
             "the hub could not be reached or the id is wrong, and the model is not in the local cache")
     return ModelLoadError(
@@ -176,10 +178,32 @@ def _hub_error(model_id: str, revision: str | None, err: Exception) -> ModelLoad
         f"model_id='embedded' for the built-in gemma-3-270m. Cause: {type(err).__name__}: {str(err)[:200]}")
 
 
+def _check_hub(model_id: str, revision: str | None):
+    """Fail at once, with one message, when a hub id is neither cached nor reachable (instead of the hub
+    client's retries and timeouts)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(model_id, revision, FileNotFoundError("not in the local cache"))
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except OSError as err:
+        raise _hub_error(model_id, revision, err) from None
+
+
 def load_tokenizer(model_id: str = EMBEDDED_MODEL, revision: str | None = None, cache_dir=None, verbose=True):
     from transformers import AutoTokenizer
 
     source = resolve_source(model_id, cache_dir, verbose)
+    if source["kind"] == "hub":
+        _check_hub(model_id, revision)
     try:
         kwargs = {"revision": revision} if source["kind"] == "hub" else {}
         if source["gguf_file"]:

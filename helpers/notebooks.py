@@ -15,6 +15,17 @@ from pathlib import Path
 from helpers.outputs import output_dir, project_root
 
 SERIES = ["01_inference", "02_qlora_smoke", "03_full_train", "04_loss_collapse_investigation", "05_inference_eval"]
+# The main job: each notebook at its defaults, plus notebook 03 a second time with the blog recipe on the same
+# steps and data, so that notebook 05 can compare the two adapters.
+MAIN_JOB = [
+    ("01_inference", {}, None),
+    ("02_qlora_smoke", {}, None),
+    ("03_full_train", {}, "03_full_train_fixed"),
+    ("03_full_train", {"recipe_name": "blog", "labels": "seed", "precision": "fp16", "learning_rate": 1e-4,
+                       "output_dir": "outputs/03_full_train/blog"}, "03_full_train_blog"),
+    ("04_loss_collapse_investigation", {}, None),
+    ("05_inference_eval", {}, None),
+]
 SWEEP_NOTEBOOK = "04_loss_collapse_investigation"
 
 
@@ -100,11 +111,14 @@ def main(argv=None) -> int:
     sw.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"))
     args = parser.parse_args(argv)
     if args.command == "run":
-        for name in available(args.names):
+        jobs = [job for job in MAIN_JOB if job[0] in available(args.names)]
+        started_all = time.time()
+        for name, params, out_name in jobs:
             started = time.time()
-            print(f"== {name}", flush=True)
-            out = run_notebook(name, _parameters(args.parameter))
-            print(f"== {name}: {out} ({(time.time() - started) / 60:.1f} min)", flush=True)
+            print(f"== {out_name or name}", flush=True)
+            out = run_notebook(name, {**params, **_parameters(args.parameter)}, out_name)
+            print(f"== {out_name or name}: {out} ({(time.time() - started) / 60:.1f} min)", flush=True)
+        print(f"== series done in {(time.time() - started_all) / 60:.1f} min", flush=True)
     elif args.command == "prepare":
         for path in prepare(args.params, args.into):
             print(path)

@@ -261,6 +261,7 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
     from helpers.outputs import package_versions
 
     recipe.validate()
+    data_mod.check_source(data)  # fail before loading a model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     precision = effective_precision(recipe.precision)

@@ -54,3 +54,27 @@ def test_04_reproduces_the_collapse_and_the_fix_does_not_collapse():
     assert not fixed["collapse"]["collapsed"] and fixed["collapse"]["nonfinite_steps"] == 0
     assert s["first_nonfinite_module"], "the replay should name the first overflowing module"
     assert str(collapse["first_nonfinite_step"]) in s["diagnosis"]
+
+
+def test_03_trains_the_fixed_recipe_with_eval_checkpoints_and_a_run_card():
+    s = summary("03_full_train")
+    params = PARAMS["03_full_train"]
+    assert s["global_step"] == params["max_steps"] and s["labels"] == "fixed"
+    assert s["eval_losses"] and math.isfinite(s["final_eval_loss"])
+    out = project_root() / params["output_dir"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    card = json.loads((out / "run_card.json").read_text(encoding="utf-8"))
+    assert len(card["data_sha256"]) == 64 and card["versions"]["transformers"] and card["recipe"]["seed"] == 42
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_05_measures_base_and_adapter_and_merges_within_tolerance():
+    s = summary("05_inference_eval")
+    by_model = {m["model"]: m for m in s["metrics"]}
+    assert set(by_model) == {"base", "fixed recipe"}
+    for m in by_model.values():
+        assert m["answers"] == PARAMS["05_inference_eval"]["n_generate"]
+        assert m["answer_perplexity"] > 1 and 0 <= m["share_ended_with_eos"] <= 1 and 0 <= m["morpheme_f1"] <= 1
+    merge = s["merge"]
+    assert merge["within_tolerance"] and merge["max_abs_logit_diff"] <= merge["tolerance"]
+    assert (Path(merge["saved_to"]) / "model.safetensors").exists()

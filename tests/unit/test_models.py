@@ -1,0 +1,110 @@
+"""The loader: embedded model, local folders and .gguf files, hub ids offline, precision and quantization settings."""
+import time
+
+import pytest
+import torch
+
+from helpers import models
+from helpers.models import ModelLoadError, lora_targets, quantization_config, resolve_precision, resolve_source
+
+
+def test_precision_auto_is_fp32_on_cpu_and_says_so(capsys):
+    chosen = resolve_precision("auto")
+    assert (chosen.name, chosen.dtype) == ("fp32", torch.float32)
+    assert "fp32" in capsys.readouterr().out
+
+
+def test_precision_auto_picks_bf16_where_the_gpu_has_it(monkeypatch):
+    monkeypatch.setattr(models, "has_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
+    assert resolve_precision("auto", verbose=False).dtype == torch.bfloat16
+
+
+def test_unknown_precision_and_quantization_are_refused():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8")
+    with pytest.raises(ValueError, match="unknown quantization '3bit'"):
+        quantization_config("3bit")
+
+
+def test_quantization_config_from_plain_parameters():
+    assert quantization_config("none") is None
+    four = quantization_config("4bit", compute_dtype=torch.bfloat16)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("8bit").load_in_8bit
+
+
+def test_embedded_second_load_is_fast_and_cached():
+    models.embedded_model_path()  # converted once (or already)
+    started = time.perf_counter()
+    model, tokenizer = models.load_model("embedded", verbose=False)
+    seconds = time.perf_counter() - started
+    assert model.config.model_type == "gemma3_text" and tokenizer.eos_token_id == 1 and tokenizer.pad_token_id == 0
+    assert seconds < 60, f"cached load took {seconds:.1f} s"
+
+
+def test_local_folder_and_gguf_file_and_missing_paths(tiny_model_dir, tmp_path):
+    assert resolve_source(str(tiny_model_dir))["kind"] == "folder"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_source(str(gguf)) == {"path": str(tmp_path), "gguf_file": "m.gguf", "kind": "gguf"}
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        resolve_source(str(tmp_path / "absent.gguf"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_source(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="local model path not found"):
+        resolve_source("./no/such/model")
+    model, _ = models.load_model(str(tiny_model_dir), verbose=False)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_uncached_hub_id_offline_gives_one_clear_error(tmp_path):
+    # As a user runs it: HF_HUB_OFFLINE=1 in the environment before anything is imported.
+    import os
+    import subprocess
+    import sys
+
+    code = ("from helpers.models import load_model\n"
+            "load_model('EleutherAI/polyglot-ko-5.8b', revision='main', verbose=False)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("helpers.models.ModelLoadError")
+    assert "EleutherAI/polyglot-ko-5.8b" in last and "HF_HUB_OFFLINE" in last and "embedded" in last
+    assert done.stderr.count("Traceback") == 1  # one error, not a chain of retries
+
+
+def test_unreachable_or_unknown_hub_id_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="lab-test/no-such-model"):
+        models.load_model("lab-test/no-such-model", verbose=False)
+    assert time.perf_counter() - started < 30
+
+
+def test_lora_targets_per_architecture(tiny_model_dir):
+    model, _ = models.load_model(str(tiny_model_dir), verbose=False)
+    assert lora_targets(model) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert lora_targets(model, "all") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora_targets(model, "q_proj,v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="none of the LoRA targets"):
+        lora_targets(model, ["query_key_value"])
+
+
+def test_gpt_neox_targets_its_fused_projection():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=100)
+    assert lora_targets(GPTNeoXForCausalLM(config)) == ["query_key_value"]
+
+
+def test_unknown_architecture_without_names_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="no known LoRA targets for model_type 'gpt2'"):
+        lora_targets(model)
+    assert lora_targets(model, "c_attn") == ["c_attn"]

@@ -1,0 +1,59 @@
+"""Project-level promises: pins agree, notebooks are committed clean and parameterized, bad parameters fail clearly."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.outputs import project_root
+
+ROOT = project_root()
+
+
+def _pins(lines):
+    return {m.group(1).lower(): m.group(2) for line in lines if (m := re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line))}
+
+
+def test_environment_yml_and_pyproject_pin_the_same_versions():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    in_env = _pins(pip_section)
+    assert declared, "pyproject pins nothing"
+    for name, pinned in declared.items():
+        assert in_env.get(name) == pinned, f"{name}: pyproject {pinned}, environment.yml {in_env.get(name)}"
+    assert set(in_env) - set(declared) == {"torch"}  # torch is a range in pyproject (its build depends on the machine)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_clean_and_parameterized(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in code), "committed with outputs"
+    assert "parameters" in code[0]["metadata"].get("tags", []), "first code cell must be tagged 'parameters'"
+    params = "".join(code[0]["source"])
+    assert "output_dir" in params and "outputs/" in params
+    assert "write_summary" in "".join(code[-1]["source"]), "last cell must write summary.json"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"^(make test)\b", readme, re.M).group(1)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in [line.strip() for line in ci]
+
+
+def test_bad_training_parameters_fail_with_one_clear_error():
+    from helpers.training import blog_recipe, train
+
+    with pytest.raises(ValueError, match="max_steps must be > 0"):
+        blog_recipe(max_steps=0)
+    with pytest.raises(ValueError, match="unknown precision 'fp12'"):
+        blog_recipe(precision="fp12")
+    from helpers.data import DataError
+    with pytest.raises(DataError, match="data file not found"):
+        train(blog_recipe(quantization="none"), data="missing.jsonl", model=object(), tokenizer=None,
+              out_dir=Path("/tmp/never"), report_to="none", verbose=False)

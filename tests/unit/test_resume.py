@@ -1,0 +1,67 @@
+"""A training run killed part-way resumes from its last checkpoint: no lost steps, and the curve continues."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers.diagnostics import read_trace
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from helpers.training import blog_recipe, train
+    recipe = blog_recipe(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, max_steps=24,
+                         save_steps=8, logging_steps=4, optimizer="adamw_torch", gradient_checkpointing=False)
+    train(recipe, model_id=sys.argv[1], data=sys.argv[2], out_dir=sys.argv[3], report_to="none", resume=True,
+          verbose=False, save_adapter=False)
+""")
+
+
+def _rows(path, n=60):
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"instruction": f"{i}번 질문입니다. 답은 무엇인가요?",
+                                     "output": f"{i}번 답은 {i * 3}입니다."}, ensure_ascii=False) + "\n")
+    return path
+
+
+def _train(tiny_model_dir, data, out_dir):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(data), str(out_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_run_resumes_without_lost_steps(tiny_model_dir, tmp_path):
+    data = _rows(tmp_path / "rows.jsonl")
+    # The reference: the same run, never interrupted.
+    reference = _train(tiny_model_dir, data, tmp_path / "reference")
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-2000:]
+    full = read_trace(tmp_path / "reference" / "trace.jsonl")
+
+    # The run under test: killed (SIGKILL, no clean-up) once its second checkpoint exists.
+    out = tmp_path / "killed"
+    victim = _train(tiny_model_dir, data, out)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "checkpoint-16" / "trainer_state.json").exists():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it go on past the checkpoint, so that there is work to lose
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    before = read_trace(out / "trace.jsonl")
+    assert 16 <= len(before) < 24, f"killed at step {len(before)}"
+
+    resumed = _train(tiny_model_dir, data, out)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    card = json.loads((out / "run_card.json").read_text())
+    assert card["global_step"] == 24 and card["resumed_from"].endswith("checkpoint-16")
+    trace = read_trace(out / "trace.jsonl")
+    assert [r.step for r in trace] == list(range(1, 25))  # every step once: none lost, none repeated
+    # The resumed curve continues the uninterrupted one: same data order, same weights, same losses.
+    for mine, theirs in zip(trace, full):
+        assert mine.raw_loss == pytest.approx(theirs.raw_loss, rel=1e-4, abs=1e-4), f"step {mine.step}"
+        assert mine.learning_rate == pytest.approx(theirs.learning_rate, rel=1e-6)
