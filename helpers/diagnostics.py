@@ -144,7 +144,7 @@ class CollapseMonitor(TrainerCallback):
         if self.wandb_log and state.is_world_process_zero:
             _wandb_log({"monitor/raw_loss": raw if record.finite else None, "monitor/finite": int(record.finite),
                         "monitor/skipped": int(record.skipped), "monitor/loss_scale": scale,
-                        "monitor/learning_rate": record.learning_rate}, record.step)
+                        "monitor/learning_rate": record.learning_rate, "train/global_step": record.step})
         if self.on_collapse == "stop" and self.stopped_at is None and self.collapse_is_certain():
             self.stopped_at = record.step
             control.should_training_stop = True
@@ -193,13 +193,15 @@ class CollapseMonitor(TrainerCallback):
         return detect_collapse(self.records, self.streak)
 
 
-def _wandb_log(values: dict, step: int):
+def _wandb_log(values: dict):
+    # No explicit step: transformers' WandbCallback uses train/global_step as the step metric, and an explicit
+    # step behind wandb's own counter would be dropped.
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+        wandb.log({k: v for k, v in values.items() if v is not None})
 
 
 def read_trace(path: str | Path) -> list[StepRecord]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +46,6 @@ class Recipe:
     eval_steps: int = 0                 # 0: no evaluation during training
     save_steps: int = 0                 # 0: no checkpoints
     seed: int = 42
-    extra: dict = field(default_factory=dict)
 
     def validate(self):
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -57,6 +56,10 @@ class Recipe:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.batch_size <= 0 or self.gradient_accumulation <= 0:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
+        if self.labels not in ("seed", "fixed"):
+            raise ValueError(f"unknown label recipe {self.labels!r}; choose 'seed' or 'fixed'")
+        if self.quantization not in ("none", "4bit", "8bit"):
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose none, 4bit or 8bit")
         return self
 
 
