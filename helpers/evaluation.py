@@ -80,14 +80,15 @@ def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     examples = [encode_example(row, tokenizer, "fixed", template, max_length=4096) for row in rows]
+    examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding to compute
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                                   reduction="sum")
-        total_loss += float(losses)
-        total_tokens += int((labels != -100).sum())
+        scored = labels != -100
+        total_loss += float(torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), labels[scored],
+                                                              reduction="sum"))
+        total_tokens += int(scored.sum())
     return float(torch.exp(torch.tensor(total_loss / max(total_tokens, 1))))
 
 
