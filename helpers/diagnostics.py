@@ -73,8 +73,15 @@ def detect_collapse(records: list[StepRecord], streak: int = 10, scale_floor: fl
         run = run + 1 if not r.finite else 0
         if run == streak and streak_from is None:
             streak_from = r.step - streak + 1
-    fake_zero = next((r.step for r in records if r.logged_loss == 0.0 and any(
-        not q.finite for q in records if r.step - 10 < q.step <= r.step)), None)
+    # A logged 0.0 is fake when its logging window (since the previous log) held a non-finite step.
+    fake_zero, window_start = None, 0
+    for r in records:
+        if r.logged_loss is None:
+            continue
+        if r.logged_loss == 0.0 and any(not q.finite for q in records if window_start < q.step <= r.step):
+            fake_zero = r.step
+            break
+        window_start = r.step
     lr_frozen, run = None, 0
     for prev, cur in zip(records, records[1:]):
         run = run + 1 if (cur.skipped and cur.learning_rate == prev.learning_rate) else 0
