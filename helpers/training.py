@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from helpers.data import LABEL_RECIPES
+from helpers.models import QUANTIZATIONS
+
 PRECISION_MODES = ("auto", "fp16", "fp16_emulated", "bf16", "fp32")
 
 
@@ -56,10 +59,10 @@ class Recipe:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.batch_size <= 0 or self.gradient_accumulation <= 0:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
-        if self.labels not in ("seed", "fixed"):
-            raise ValueError(f"unknown label recipe {self.labels!r}; choose 'seed' or 'fixed'")
-        if self.quantization not in ("none", "4bit", "8bit"):
-            raise ValueError(f"unknown quantization {self.quantization!r}; choose none, 4bit or 8bit")
+        if self.labels not in LABEL_RECIPES:
+            raise ValueError(f"unknown label recipe {self.labels!r}; choose one of {', '.join(LABEL_RECIPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         return self
 
 
