@@ -24,6 +24,7 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+	rm -rf outputs/nbval  # notebook tests start from nothing (03 would resume an older run there)
 	$(PY) -m helpers.notebooks prepare --params tests/notebook_params.json --into outputs/nbval
 	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=1200 -p no:cacheprovider outputs/nbval tests/notebook_checks
 

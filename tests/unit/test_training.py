@@ -1,0 +1,74 @@
+"""The fixed recipe's loss from labelled logits only: same value and gradients as the model's own loss."""
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import data as lab_data
+from helpers import training
+from helpers.training import fixed_recipe, labelled_logits_loss, train
+
+
+def _batch(tokenizer):
+    lab_data.prepare_tokenizer(tokenizer, "fixed")
+    rows = [{"instruction": "김치찌개 끓이는 법?", "output": "묵은지를 볶은 뒤 물을 붓고 끓여요.", "context": ""},
+            {"instruction": "서울의 인구는 얼마나 되나요? 대략 알려 주세요.", "output": "약 940만 명이에요.", "context": ""}]
+    encoded = [lab_data.encode_example(row, tokenizer, "fixed") for row in rows]
+    return lab_data.make_collator(tokenizer, "fixed")(encoded)
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_labelled_logits_loss_equals_the_models_loss_and_gradients(tiny_model_dir, tokenizer, num_items):
+    batch = _batch(tokenizer)
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompt and padding are most positions: the point
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    kwargs = {"num_items_in_batch": torch.tensor(num_items)} if num_items else {}
+    theirs = model(**batch, **kwargs).loss
+    theirs.backward()
+    their_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ours = labelled_logits_loss(model, batch, kwargs.get("num_items_in_batch"))
+    ours.backward()
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    for mine, reference in zip((p.grad for p in model.parameters()), their_grads):
+        assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def _tiny_fixed_run(tiny_model_dir, tmp_path):
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=2, batch_size=2, logging_steps=1)
+    return train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8,
+                 save_adapter=False, verbose=False)
+
+
+def test_fixed_recipe_trains_on_labelled_logits_after_checking_them(tiny_model_dir, tmp_path):
+    run = _tiny_fixed_run(tiny_model_dir, tmp_path)
+    assert run.trainer.labelled_logits_only and run.trainer._labelled_logits_checked
+    assert run.trainer.args.train_sampling_strategy == "group_by_length"
+    assert run.summary["global_step"] == 2
+
+
+def test_a_mismatching_labelled_loss_falls_back_to_the_models_loss(tiny_model_dir, tmp_path, monkeypatch):
+    real = training.labelled_logits_loss
+    monkeypatch.setattr(training, "labelled_logits_loss", lambda *a, **k: real(*a, **k) + 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = _tiny_fixed_run(tiny_model_dir, tmp_path)
+    assert not run.trainer.labelled_logits_only
+    assert any("labelled_logits_only" in str(w.message) for w in caught)
+
+
+def test_resume_refuses_checkpoints_of_a_different_recipe(tiny_model_dir, tmp_path):
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=2, batch_size=2, save_steps=2)
+    train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8, save_adapter=False,
+          verbose=False)
+    changed = fixed_recipe(quantization="none", precision="fp32", max_steps=4, batch_size=2, save_steps=2,
+                           learning_rate=1e-3)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(changed, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8, resume=True,
+              save_adapter=False, verbose=False)
+    longer = fixed_recipe(quantization="none", precision="fp32", max_steps=4, batch_size=2, save_steps=2)
+    run = train(longer, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8, resume=True,
+                save_adapter=False, verbose=False)
+    assert run.summary["resumed_from"].endswith("checkpoint-2") and run.summary["global_step"] == 4
