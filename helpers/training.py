@@ -147,6 +147,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, precision: str, r
         gradient_checkpointing=False,  # already enabled by prepare_lora, in the blog's order
         seed=recipe.seed, data_seed=recipe.seed, report_to=report_to, disable_tqdm=False,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        prediction_loss_only=True,  # the eval loss is all we use; otherwise Trainer keeps every eval logit (262k wide)
     )
 
 
@@ -231,6 +232,14 @@ def _lab_trainer_class():
             if not return_outputs and self._use_labelled_logits(model, inputs, num_items_in_batch):
                 return labelled_logits_loss(model, inputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if not (prediction_loss_only and self.labelled_logits_only and self._labelled_logits_checked
+                    and "labels" in inputs):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            with torch.no_grad():
+                loss = labelled_logits_loss(model, self._prepare_inputs(inputs))
+            return loss.detach(), None, None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_scaler is None or not model.training:

@@ -36,8 +36,9 @@ def test_labelled_logits_loss_equals_the_models_loss_and_gradients(tiny_model_di
         assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
 
 
-def _tiny_fixed_run(tiny_model_dir, tmp_path):
-    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=2, batch_size=2, logging_steps=1)
+def _tiny_fixed_run(tiny_model_dir, tmp_path, **overrides):
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=2, batch_size=2, logging_steps=1,
+                          **overrides)
     return train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8,
                  save_adapter=False, verbose=False)
 
@@ -47,6 +48,18 @@ def test_fixed_recipe_trains_on_labelled_logits_after_checking_them(tiny_model_d
     assert run.trainer.labelled_logits_only and run.trainer._labelled_logits_checked
     assert run.trainer.args.train_sampling_strategy == "group_by_length"
     assert run.summary["global_step"] == 2
+
+
+def test_eval_loss_from_labelled_logits_equals_trainers_own(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = training.labelled_logits_loss
+    monkeypatch.setattr(training, "labelled_logits_loss", lambda model, *a, **k: calls.append(model.training)
+                        or real(model, *a, **k))
+    run = _tiny_fixed_run(tiny_model_dir, tmp_path, eval_steps=2)
+    assert False in calls  # the eval at step 2 went through labelled logits too
+    ours = run.summary["final_eval_loss"]
+    run.trainer.labelled_logits_only = False  # Trainer's own prediction_step, the model's full logits
+    assert run.trainer.evaluate()["eval_loss"] == pytest.approx(ours, rel=1e-5)
 
 
 def test_a_mismatching_labelled_loss_falls_back_to_the_models_loss(tiny_model_dir, tmp_path, monkeypatch):
