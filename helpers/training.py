@@ -77,8 +77,8 @@ def blog_recipe(**overrides) -> Recipe:
 
 def fixed_recipe(**overrides) -> Recipe:
     """The project's recipe: precision auto (bf16 on a GPU that has it, fp32 otherwise), answer-only labels with
-    one trained EOS and a real pad token, cosine schedule with warmup, clipped gradients; batches grouped by
-    length and vocabulary logits only at trained positions (both change speed, not what is learned).
+    one trained EOS and a real pad token, cosine schedule with warmup, clipped gradients; for speed, batches
+    grouped by length and vocabulary logits only at trained positions (the same loss, see labelled_logits_loss).
 
     lr 5e-4: on the shipped data with gemma-3-270m (H100, bf16, 1 epoch, batch 4, LoRA r8 on attention) answer
     perplexity was 19.2 at 2e-4, 18.5 at 5e-4 and 18.1 at 1e-3 (docs/measurements/gpu_h100_2026-11-23.md)."""
