@@ -57,3 +57,14 @@ def test_bad_training_parameters_fail_with_one_clear_error():
     with pytest.raises(DataError, match="data file not found"):
         train(blog_recipe(quantization="none"), data="missing.jsonl", model=object(), tokenizer=None,
               out_dir=Path("/tmp/never"), report_to="none", verbose=False)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    # papermill silently skips a parameter line it cannot parse (an "=" inside its comment, say); -p then still
+    # injects the value but papermill no longer lists or validates that parameter
+    import papermill
+
+    cell = next(c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if re.match(r"\w+ = ", line)]
+    assert list(papermill.inspect_notebook(str(path))) == assigned
