@@ -5,7 +5,7 @@
 
     python benchmarks/cpu_fixed_recipe_speed.py [--steps 12] [--model embedded]
 
-Prints a table and writes outputs/benchmarks/fixed_recipe_speed.json with device, versions and date.
+Prints the result and writes it to outputs/benchmarks/fixed_recipe_speed.json, with device, versions and date.
 """
 import argparse
 import datetime
@@ -19,7 +19,7 @@ from helpers.outputs import output_dir, package_versions
 from helpers.training import fixed_recipe, train
 
 
-def padded_tokens_per_epoch(recipe, model_id: str) -> dict:
+def padded_tokens_per_epoch(recipe, model_id: str, scratch_dir) -> dict:
     from transformers import TrainingArguments, Trainer
 
     tokenizer = load_tokenizer(model_id, verbose=False)
@@ -29,7 +29,7 @@ def padded_tokens_per_epoch(recipe, model_id: str) -> dict:
     lengths = [len(ids) for ids in train_set["input_ids"]]
     counts = {}
     for strategy in ("random", "group_by_length"):
-        args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=recipe.batch_size,
+        args = TrainingArguments(output_dir=str(scratch_dir), per_device_train_batch_size=recipe.batch_size,
                                  train_sampling_strategy=strategy, seed=recipe.seed, report_to="none",
                                  use_cpu=not torch.cuda.is_available())
         order = list(Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=train_set)._get_train_sampler())
@@ -55,7 +55,7 @@ def main():
                     save_adapter=False, verbose=False)
         result[f"seconds_per_step_labelled_logits_{labelled}"] = run.summary["seconds_per_step"]
         result[f"first_losses_labelled_logits_{labelled}"] = [round(r.raw_loss, 4) for r in run.monitor.records[:5]]
-    result["padding"] = padded_tokens_per_epoch(fixed_recipe(), args.model)
+    result["padding"] = padded_tokens_per_epoch(fixed_recipe(), args.model, out / "sampler")
     print(json.dumps(result, indent=1, ensure_ascii=False))
     (out / "fixed_recipe_speed.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
 

@@ -65,6 +65,8 @@ def test_papermill_reads_every_parameter(path):
     # injects the value but papermill no longer lists or validates that parameter
     import papermill
 
-    cell = next(c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if "parameters" in c["metadata"].get("tags", []))
-    assigned = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if re.match(r"\w+ = ", line)]
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    lines = "".join(cell["source"]).splitlines()
+    assigned = [line.split("=")[0].strip() for line in lines if re.match(r"\w+ = ", line)]
     assert list(papermill.inspect_notebook(str(path))) == assigned

@@ -21,7 +21,7 @@ def _batch(tokenizer):
 @pytest.mark.parametrize("num_items", [None, 7])
 def test_labelled_logits_loss_equals_the_models_loss_and_gradients(tiny_model_dir, tokenizer, num_items):
     batch = _batch(tokenizer)
-    assert (batch["labels"] == -100).float().mean() > 0.3  # prompt and padding are most positions: the point
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompt and padding: positions the loss skips
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer))
     kwargs = {"num_items_in_batch": torch.tensor(num_items)} if num_items else {}
