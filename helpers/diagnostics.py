@@ -276,19 +276,49 @@ class HeadroomProbe:
         self.remove()
 
 
-def replay_batch(model, batch, context=None, assume_dtype=torch.float16):
-    """Run one batch forward under ``context`` (e.g. emulated fp16) with a headroom probe; return the probe."""
+def rng_state() -> dict:
+    """The random state of the CPU and of the current CUDA device, for :func:`replay_batch`."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def replay_batch(model, batch, context=None, assume_dtype=torch.float16, weights=None, rng_state=None):
+    """Run one batch forward under ``context`` (e.g. emulated fp16) with a headroom probe; return the probe.
+
+    ``weights`` (name -> tensor, e.g. the trainable weights a training step met) are swapped in for the replay
+    and put back afterwards. With ``rng_state`` (from :func:`rng_state`, taken before that step) the replay
+    runs in training mode and draws the same dropout masks as the step did; without it, it runs in eval mode
+    (no dropout), which is deterministic but not the forward the step computed.
+    """
     import contextlib
 
     context = context or contextlib.nullcontext()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights or {}) - set(params))
+    if unknown:
+        raise ValueError(f"replay_batch: the model has no parameters named {unknown[:3]}")
+    saved = {name: params[name].detach().clone() for name in weights or {}}
     was_training = model.training
-    model.eval()  # no dropout: a deterministic replay
-    with HeadroomProbe(model, assume_dtype=assume_dtype) as probe, torch.no_grad(), context:
-        out = model(**batch)
-        probe.loss = float(out.loss.float()) if getattr(out, "loss", None) is not None else None
-    model.train(was_training)
+    model.train(rng_state is not None)
+    devices = [torch.cuda.current_device()] if rng_state is not None and rng_state["cuda"] is not None else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for name, value in (weights or {}).items():
+                params[name].copy_(value)
+            if rng_state is not None:
+                torch.set_rng_state(rng_state["cpu"])
+                if devices:
+                    torch.cuda.set_rng_state(rng_state["cuda"])
+            with HeadroomProbe(model, assume_dtype=assume_dtype) as probe, context:
+                out = model(**batch)
+                probe.loss = float(out.loss.float()) if getattr(out, "loss", None) is not None else None
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        model.train(was_training)
     return probe
 
 

@@ -176,6 +176,7 @@ def labelled_logits_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
 def _lab_trainer_class():
     from transformers import Trainer
 
+    from helpers.diagnostics import rng_state
     from helpers.fp16_emulation import DynamicLossScale, fp16_range
 
     class LabTrainer(Trainer):
@@ -252,13 +253,20 @@ def _lab_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._unscaled = False
-            kept = {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)} \
-                if self.first_nonfinite_batch is None else None
+            # Until a loss turns non-finite, keep what a replay needs to meet this forward again: the batch, the
+            # trainable weights before the step and the random state the dropout draws from. Replaying with
+            # the weights at the end of the run would not do: steps between the first non-finite loss and the
+            # end of the run may still have moved them.
+            kept = None
+            if self.first_nonfinite_batch is None:
+                kept = {"batch": {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+                        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                        "rng_state": rng_state()}
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.loss_scaler is not None:
                 loss = loss / self.loss_scaler.scale
             if kept is not None and not torch.isfinite(loss):
-                self.first_nonfinite_batch = {"step": self.state.global_step + 1, "batch": kept}
+                self.first_nonfinite_batch = {"step": self.state.global_step + 1, **kept}
             if self.monitor is not None:
                 self.monitor.record_micro_loss(loss)
             return loss

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers.diagnostics import HeadroomProbe, StepRecord, detect_collapse, read_trace
+from helpers.diagnostics import HeadroomProbe, StepRecord, detect_collapse, read_trace, replay_batch, rng_state
 from helpers.fp16_emulation import FP16_MAX, fp16_range
 from helpers.training import blog_recipe, train
 
@@ -43,6 +43,41 @@ def test_monitor_sees_the_full_signature_of_a_collapse(tiny_model_dir, tmp_path)
     assert len({r.learning_rate for r in dead}) == 1
     zero_logs = [r for r in trace if r.logged_loss == 0.0]
     assert zero_logs and all(not r.finite for r in zero_logs)
+    # The replay meets the first non-finite step's forward again (its weights and dropout masks), not the end state.
+    failing = run.trainer.first_nonfinite_batch
+    assert failing["step"] == finding.first_nonfinite_step
+    final = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    probe = replay_batch(run.model, failing["batch"], context=fp16_range(), weights=failing["weights"],
+                         rng_state=failing["rng_state"])
+    assert not math.isfinite(probe.loss) and probe.first_nonfinite is not None
+    assert all(torch.equal(p, final[n]) for n, p in run.model.named_parameters() if p.requires_grad)
+
+
+class _Dropped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return type("Out", (), {"loss": self.drop(self.lin(x)).sum()})()
+
+
+def test_replay_uses_the_given_weights_and_dropout_masks_and_puts_everything_back():
+    torch.manual_seed(0)
+    model, x = _Dropped().train(), torch.randn(4, 8)
+    met_weight, state = model.lin.weight.detach().clone(), rng_state()
+    with torch.no_grad():
+        expected = float(model(x).loss)
+        model.lin.weight.mul_(3.0)  # a later step moved the weights
+    moved = model.lin.weight.detach().clone()
+    torch.randn(100)  # and the random state moved on
+    probe = replay_batch(model, {"x": x}, context=None, weights={"lin.weight": met_weight}, rng_state=state)
+    assert probe.loss == expected
+    assert torch.equal(model.lin.weight, moved) and model.training
+    assert replay_batch(model, {"x": x}, weights={"lin.weight": met_weight}).loss != expected  # eval: no dropout
+    with pytest.raises(ValueError, match="no parameters named"):
+        replay_batch(model, {"x": x}, weights={"nope": met_weight})
 
 
 def test_monitor_reports_no_collapse_on_a_healthy_run(tiny_model_dir, tmp_path):
