@@ -253,20 +253,20 @@ def _lab_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._unscaled = False
-            # Until a loss turns non-finite, keep what a replay needs to meet this forward again: the batch, the
-            # trainable weights before the step and the random state the dropout draws from. Replaying with
-            # the weights at the end of the run would not do: steps between the first non-finite loss and the
-            # end of the run may still have moved them.
+            # Until a loss turns non-finite, keep what a replay needs to meet this forward again: the batch and the
+            # random state its dropout draws from. The weights it met are still in the model when its loss comes
+            # back (the optimizer steps after training_step), so they are copied only then; the run's last
+            # weights would not do, as steps after the first non-finite loss may still move them.
             kept = None
             if self.first_nonfinite_batch is None:
                 kept = {"batch": {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)},
-                        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                         "rng_state": rng_state()}
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.loss_scaler is not None:
                 loss = loss / self.loss_scaler.scale
             if kept is not None and not torch.isfinite(loss):
-                self.first_nonfinite_batch = {"step": self.state.global_step + 1, **kept}
+                weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                self.first_nonfinite_batch = {"step": self.state.global_step + 1, "weights": weights, **kept}
             if self.monitor is not None:
                 self.monitor.record_micro_loss(loss)
             return loss
