@@ -14,8 +14,8 @@ from helpers.diagnostics import read_trace
 SCRIPT = textwrap.dedent("""
     import sys
     from helpers.training import blog_recipe, train
-    recipe = blog_recipe(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, max_steps=24,
-                         save_steps=8, logging_steps=4, optimizer="adamw_torch", gradient_checkpointing=False,
+    recipe = blog_recipe(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, max_steps=40,
+                         save_steps=16, logging_steps=4, optimizer="adamw_torch", gradient_checkpointing=False,
                          group_by_length=True, labelled_logits_only=True)  # as notebook 03's fixed recipe
     train(recipe, model_id=sys.argv[1], data=sys.argv[2], out_dir=sys.argv[3], report_to="none", resume=True,
           verbose=False, save_adapter=False)
@@ -30,6 +30,11 @@ def _rows(path, n=60):
     return path
 
 
+def _steps_traced(path):
+    """Whole lines only: the run may be writing the next one."""
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def _train(tiny_model_dir, data, out_dir):
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(data), str(out_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -42,26 +47,27 @@ def test_killed_run_resumes_without_lost_steps(tiny_model_dir, tmp_path):
     assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-2000:]
     full = read_trace(tmp_path / "reference" / "trace.jsonl")
 
-    # The run under test: killed (SIGKILL, no clean-up) once its second checkpoint exists.
+    # The run under test: killed (SIGKILL, no clean-up) two steps after its first checkpoint, so that there is
+    # work to lose; the next checkpoint is 14 steps further, a margin that a fixed sleep on a fast machine lacked.
     out = tmp_path / "killed"
     victim = _train(tiny_model_dir, data, out)
     deadline = time.time() + 600
-    while not (out / "checkpoints" / "checkpoint-16" / "trainer_state.json").exists():
+    while not ((out / "checkpoints" / "checkpoint-16" / "trainer_state.json").exists()
+               and _steps_traced(out / "trace.jsonl") >= 18):
         assert victim.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(0.5)  # let it go on past the checkpoint, so that there is work to lose
+        time.sleep(0.01)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     before = read_trace(out / "trace.jsonl")
-    assert 16 <= len(before) < 24, f"killed at step {len(before)}"
+    assert 18 <= len(before) < 32, f"killed at step {len(before)}"
 
     resumed = _train(tiny_model_dir, data, out)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
     card = json.loads((out / "run_card.json").read_text())
-    assert card["global_step"] == 24 and card["resumed_from"].endswith("checkpoint-16")
+    assert card["global_step"] == 40 and card["resumed_from"].endswith("checkpoint-16")
     trace = read_trace(out / "trace.jsonl")
-    assert [r.step for r in trace] == list(range(1, 25))  # every step once: none lost, none repeated
+    assert [r.step for r in trace] == list(range(1, 41))  # every step once: none lost, none repeated
     # The resumed curve continues the uninterrupted one: same data order, same weights, same losses.
     for mine, theirs in zip(trace, full):
         assert mine.raw_loss == pytest.approx(theirs.raw_loss, rel=1e-4, abs=1e-4), f"step {mine.step}"
