@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch==2.13.0 is the CPU build where this project's CI runs; set TORCH_SPEC for a CUDA build.
+# torch==2.13.0 is whatever build your pip index serves (PyPI's Linux wheel is a CUDA build); set TORCH_SPEC for another.
+# TORCH_SPEC is split into pip arguments on purpose (unquoted below), so it may carry options such as
+# --index-url for another CUDA version.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test sweep setup clean
@@ -14,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -c "from helpers.models import embedded_model_path; print(embedded_model_path())"
 	touch $@

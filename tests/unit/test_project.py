@@ -1,10 +1,13 @@
 """Project-level promises: pins agree, notebooks are committed clean and parameterized, bad parameters fail clearly."""
 import json
 import re
-import tomllib
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import tomli
 import yaml
 
 from helpers.outputs import project_root
@@ -17,7 +20,7 @@ def _pins(lines):
 
 
 def test_environment_yml_and_pyproject_pin_the_same_versions():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomli.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
@@ -70,3 +73,22 @@ def test_papermill_reads_every_parameter(path):
     lines = "".join(cell["source"]).splitlines()
     assigned = [line.split("=")[0].strip() for line in lines if re.match(r"\w+ = ", line)]
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+def test_torch_spec_reaches_pip_as_separate_arguments(tmp_path):
+    # The README's CUDA line passes an index with the spec; quoted as one pip argument it was "Invalid requirement".
+    spec = "torch==2.13.0 --index-url https://wheels.example/cu130"
+    printed = subprocess.run(["make", "-n", "-B", "setup", f"TORCH_SPEC={spec}", f"VENV={tmp_path / 'venv'}"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    torch_line = next(line for line in printed.splitlines() if "pip install" in line and "torch==" in line)
+    arguments = shlex.split(torch_line)
+    assert arguments[-3:] == ["torch==2.13.0", "--index-url", "https://wheels.example/cu130"]
+
+
+def test_code_runs_on_the_oldest_python_the_readme_promises():
+    # README and pyproject promise Python 3.10+; vermin finds the newest language feature or module each file uses
+    # (tomllib, 3.11, was imported by this very file).
+    promised = re.search(r'requires-python = ">=(3\.\d+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    found = subprocess.run([str(Path(sys.executable).parent / "vermin"), f"--target={promised}-", "--violations", "--no-tips",
+                            "--quiet", "helpers", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr
