@@ -1,6 +1,7 @@
 """Generation and evaluation: the KoAlpaca ``ask()`` flow with timing, and answer metrics."""
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -84,6 +85,7 @@ def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_
     from helpers.training import labelled_logits_loss
 
     model.eval()
+    tokenizer = padding_tokenizer(tokenizer)
     collate = make_collator(tokenizer, "fixed")
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
@@ -106,6 +108,19 @@ def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_
         total_loss += loss_sum
         total_tokens += scored
     return float(torch.exp(torch.tensor(total_loss / max(total_tokens, 1))))
+
+
+def padding_tokenizer(tokenizer):
+    """``tokenizer``, or a copy whose pad is its EOS when it has no pad (Llama-3 and polyglot-ko bases have none).
+
+    Batches are masked by position (attention mask 0 and label -100 on padding), so which id fills the padding does
+    not matter; the tokenizer a user passed in is left as it was.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = padded.eos_token
+    return padded
 
 
 def _full_logits_loss_sum(model, batch) -> float:

@@ -1,0 +1,66 @@
+"""Merge a LoRA adapter into a 16-bit copy of its base, and check that merging changed nothing that matters.
+
+A merged model is what users export and serve; the check tells them whether it still answers like the adapter.
+Merging rounds ``W + BA`` to bf16 once, and bf16 rounding already moves the logits of the unmerged adapter, so the
+merged model's logit error (against the adapter in fp32) is judged against the unmerged bf16 model's own error.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from helpers.data import format_prompt
+from helpers.evaluation import ask, padding_tokenizer
+from helpers.models import load_model
+
+
+def _adapter_logits(model_id, revision, adapter_dir, precision, probe, merge=False):
+    base, _ = load_model(model_id, revision=revision, quantization="none", precision=precision, verbose=False)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model = model.merge_and_unload() if merge else model
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
+    return model, logits
+
+
+def merge_check(model_id: str, adapter_dir, rows: list[dict], revision: str | None = None, tolerance: float = 2.0,
+                speed_tokens: int = 64) -> tuple[dict, torch.nn.Module, object]:
+    """Merge ``adapter_dir`` into a bf16 copy of ``model_id`` and compare logits on the prompts of ``rows``.
+
+    Returns ``(report, merged_model, tokenizer)``. The report holds the mean and largest |logit error| of the merged
+    and the unmerged bf16 models against the adapter in fp32, their top-1 agreement, generation speed of both, and
+    ``within_tolerance``: merged mean error <= ``tolerance`` x unmerged mean error.
+    """
+    # The tokenizer the adapter was trained with, saved beside it (an adapter folder is no model folder).
+    tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
+    probe = tokenizer([format_prompt(r["instruction"], r.get("context", "")) for r in rows], return_tensors="pt",
+                      padding=True)
+    mask = probe["attention_mask"].bool()
+    reference_model, reference = _adapter_logits(model_id, revision, adapter_dir, "fp32", probe)
+    del reference_model; gc.collect()
+    unmerged, unmerged_logits = _adapter_logits(model_id, revision, adapter_dir, "bf16", probe)
+    speed_unmerged = ask(unmerged, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=speed_tokens,
+                         do_sample=False)
+    del unmerged; gc.collect()
+    merged, merged_logits = _adapter_logits(model_id, revision, adapter_dir, "bf16", probe, merge=True)
+    speed_merged = ask(merged, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=speed_tokens,
+                       do_sample=False)
+    unmerged_error = (unmerged_logits - reference).abs()[mask]
+    merged_error = (merged_logits - reference).abs()[mask]
+    report = {
+        "mean_abs_error_merged_bf16": float(merged_error.mean()),
+        "mean_abs_error_unmerged_bf16": float(unmerged_error.mean()),
+        "max_abs_error_merged_bf16": float(merged_error.max()),
+        "max_abs_error_unmerged_bf16": float(unmerged_error.max()),
+        "max_abs_diff_merged_vs_unmerged": float((merged_logits - unmerged_logits).abs()[mask].max()),
+        "top1_agreement_merged_vs_fp32": float((merged_logits.argmax(-1) == reference.argmax(-1))[mask].float().mean()),
+        "tolerance_factor": tolerance,
+        "within_tolerance": bool(merged_error.mean() <= tolerance * unmerged_error.mean()),
+        "unmerged_tokens_per_s": speed_unmerged["tokens_per_s"], "merged_tokens_per_s": speed_merged["tokens_per_s"],
+    }
+    return report, merged, tokenizer
