@@ -110,3 +110,18 @@ def test_batched_greedy_generation_matches_one_at_a_time(tiny_model_dir):
     single, _ = generate_answers(model, tokenizer, rows, batch_size=1, **settings)
     assert [a["answer"] for a in batched] == [a["answer"] for a in single]
     assert all(a["new_tokens"] for a in batched)
+
+
+def test_answer_perplexity_works_for_a_tokenizer_without_pad(tiny_model_dir):
+    # Llama-3 and polyglot-ko bases have no pad token; notebook 05 scores the base model with its own tokenizer.
+    from helpers.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), verbose=False)
+    rows = [{"instruction": "질문", "context": "", "output": "답변입니다"},
+            {"instruction": "조금 더 긴 질문입니다", "context": "", "output": "조금 더 긴 답변입니다"}]
+    with_pad = answer_perplexity(model, tokenizer, rows)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    without_pad = answer_perplexity(model, tokenizer, rows)
+    assert without_pad == pytest.approx(with_pad, rel=1e-5)  # padding is masked by position: its id does not count
+    assert tokenizer.pad_token_id is None  # the caller's tokenizer is left as it was
