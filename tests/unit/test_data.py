@@ -179,14 +179,27 @@ def test_prepare_tokenizer_fixed_keeps_real_pad(fixed_tok):
     assert fixed_tok.padding_side == "right"
 
 
-def test_prepare_tokenizer_fixed_adds_pad_when_pad_is_eos(base_tok):
+@pytest.mark.parametrize("pad", ["none", "eos"])
+def test_fixed_recipe_adds_no_token_and_masks_padding_by_position(base_tok, pad):
+    # Before: prepare_tokenizer added "<|pad|>" and returned True, so the caller had to resize the embeddings.
     tok = copy.deepcopy(base_tok)
-    tok.pad_token = tok.eos_token
+    tok.pad_token = None if pad == "none" else tok.eos_token
     n_before = len(tok)
-    assert prepare_tokenizer(tok, "fixed") is True
-    assert tok.pad_token == "<|pad|>"
-    assert tok.pad_token_id != tok.eos_token_id
-    assert len(tok) == n_before + 1
+    assert prepare_tokenizer(tok, "fixed") is False
+    assert len(tok) == n_before
+    assert tok.pad_token_id == tok.eos_token_id  # no pad of its own: the EOS pads, masked by position
+    rows = [{"instruction": "짧은 질문", "output": "네."},
+            {"instruction": "조금 더 긴 질문입니다", "output": "대한민국의 수도는 서울이고 인구는 약 950만 명입니다."}]
+    features = [encode_example(r, tok, "fixed", max_length=BIG) for r in rows]
+    lengths = [len(f["input_ids"]) for f in features]
+    assert lengths[0] < lengths[1]
+    batch = make_collator(tok, "fixed")(features)
+    for i, n in enumerate(lengths):
+        assert batch["labels"][i, n - 1].item() == tok.eos_token_id  # each answer's own EOS is trained
+        assert batch["attention_mask"][i, :n].tolist() == [1] * n
+        assert batch["attention_mask"][i, n:].tolist() == [0] * (max(lengths) - n)
+        assert batch["labels"][i, n:].tolist() == [IGNORE_INDEX] * (max(lengths) - n)
+    assert label_stats(batch, tok)["trained_eos_per_example"] == [1, 1]
 
 
 def test_prepare_tokenizer_unknown_recipe(base_tok):
@@ -486,11 +499,14 @@ def test_json_file_holding_json_lines_loads(tmp_path):
     assert report.rows_kept == 3
 
 
-def test_invalid_json_array_is_refused(tmp_path):
+def test_truncated_json_array_keeps_its_rows(tmp_path):
+    # Before: the whole file was refused ("not valid JSON").
     path = tmp_path / "broken.json"
     path.write_text('[{"instruction": "a", "output": "b"},\n', encoding="utf-8")
-    with pytest.raises(DataError, match="not valid JSON"):
-        load_instructions(str(path), verbose=False)
+    _, report = load_instructions(str(path), verbose=False)
+    assert report.rows_kept == 1
+    assert problems_of(report) == {(2, "*", "invalid_json")}
+    assert "ends at line 2 before the closing ]" in report.problems[0].detail
 
 
 # ------------------------------------------------------------------------------------------- 3. splits
