@@ -206,11 +206,43 @@ def _assemble_gguf(packaged, target: Path, verbose: bool) -> Path:
 
 def _conversion_is_complete(folder: Path) -> bool:
     """True when the folder carries the conversion marker and every file it lists has the recorded size."""
+    if not (folder / CONVERSION_MARKER).exists() and _complete_unmarked_conversion(folder):
+        try:
+            _write_conversion_marker(folder, source=None, source_sha256=None)
+        except OSError:
+            pass  # a read-only cache: the folder is whole, only the marker is missing
+        return True
     try:
         recorded = json.loads((folder / CONVERSION_MARKER).read_text())["files"]
         return all((folder / name).stat().st_size == size for name, size in recorded.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _complete_unmarked_conversion(folder: Path) -> bool:
+    """A folder converted before the marker existed is kept when its weights file is whole (the size its
+    safetensors header implies) and its config and tokenizer parse, so it is not converted again."""
+    try:
+        weights = folder / "model.safetensors"
+        with weights.open("rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_size))
+        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+        if weights.stat().st_size != 8 + header_size + data_end:
+            return False
+        json.loads((folder / "config.json").read_text())
+        json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _write_conversion_marker(folder: Path, source: str | None, source_sha256: str | None):
+    files = {item.name: item.stat().st_size for item in sorted(folder.iterdir())
+             if item.is_file() and item.name != CONVERSION_MARKER}
+    marker = {"source": source, "source_sha256": source_sha256, "files": files}
+    (folder / CONVERSION_MARKER).write_text(json.dumps(marker, indent=1))
 
 
 def convert_gguf(gguf_path: str | Path, folder: str | Path, source_sha256: str | None = None) -> Path:
@@ -226,15 +258,21 @@ def convert_gguf(gguf_path: str | Path, folder: str | Path, source_sha256: str |
         model, tokenizer = _dequantize_gguf(gguf_path)
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-        files = {item.name: item.stat().st_size for item in sorted(partial.iterdir()) if item.is_file()}
-        marker = {"source": gguf_path.name, "source_sha256": source_sha256, "files": files}
-        (partial / CONVERSION_MARKER).write_text(json.dumps(marker, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        _write_conversion_marker(partial, gguf_path.name, source_sha256)
+        _replace_folder(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def _replace_folder(new: Path, folder: Path):
+    """Move ``new`` to ``folder``: an old folder there is renamed aside first, so the name is never missing
+    for longer than between two renames (another process may be loading from it)."""
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _dequantize_gguf(gguf_path: Path):
