@@ -7,7 +7,7 @@ this script comes from such a model: speed, memory and adapter size are real, lo
 
 Each step runs in its own process, one after another (timings never share the GPU):
 
-    python -m benchmarks.real_shapes all polyglot-ko-5.8b --work /tmp/shapes --out outputs/real_shapes
+    python -m benchmarks.real_shapes all polyglot-ko-5.8b [--parts build,blog,fixed,eval] [--steps 20]
 
   build   random-weight model folder + stand-in tokenizer (pad == eos for polyglot-ko, no pad for Llama-3)
   blog    notebook 02: blog_recipe(), real fp16 autocast on a GPU, 4-bit
@@ -147,21 +147,26 @@ def _peak_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
-def run_all(shape: str, work: Path, out: Path, steps: int) -> dict:
-    """Every step in its own process, sequentially; results gathered into ``out/<shape>.json``."""
-    folder, result = work / shape, {"shape": shape, "date": time.strftime("%Y-%m-%d"),
-                                    "weights": "random (public config)", "steps": steps}
+STEPS = ("build", "blog", "fixed", "eval")
+
+
+def run_all(shape: str, work: Path, out: Path, steps: int, parts=STEPS) -> dict:
+    """Each of ``parts`` in its own process, one after another; results gathered into ``out/<shape>.json``
+    (merged with what an earlier call of the same shape left there)."""
+    folder, summary_path = work / shape, out / f"{shape}.json"
     out.mkdir(parents=True, exist_ok=True)
-    for step in ("build", "blog", "fixed", "eval"):
+    result = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    result.update(shape=shape, date=time.strftime("%Y-%m-%d"), weights="random (public config)", steps=steps)
+    for step in parts:
         started = time.time()
-        part = out / f"{shape}.{step}.json"
+        part = work / f"{shape}.{step}.json"
         command = [sys.executable, "-m", "benchmarks.real_shapes", step, shape, "--work", str(work),
                    "--steps", str(steps), "--result", str(part)]
         done = subprocess.run(command)
         result[step] = json.loads(part.read_text()) if done.returncode == 0 and part.exists() else \
             {"failed": f"exit code {done.returncode}"}
         result[step]["wall_s"] = round(time.time() - started, 1)
-        (out / f"{shape}.json").write_text(json.dumps(result, indent=1, default=str))
+        summary_path.write_text(json.dumps(result, indent=1, default=str))
         if "failed" in result[step] and step in ("build", "fixed"):
             break
     return result
@@ -175,10 +180,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/real_shapes"), help="result JSON files")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each training run")
     parser.add_argument("--result", type=Path, help="(one step) where to write its JSON")
+    parser.add_argument("--parts", default=",".join(STEPS), help="(all) which steps to run, comma-separated")
     args = parser.parse_args(argv)
     folder = args.work / args.shape
     if args.step == "all":
-        print(json.dumps(run_all(args.shape, args.work, args.out, args.steps), indent=1, default=str))
+        print(json.dumps(run_all(args.shape, args.work, args.out, args.steps, args.parts.split(",")), indent=1,
+                         default=str))
         return 0
     from helpers.models import device_description
     from helpers.outputs import package_versions

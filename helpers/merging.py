@@ -18,7 +18,9 @@ from helpers.models import load_model
 
 
 def _adapter_logits(model_id, revision, adapter_dir, precision, probe, merge=False):
-    base, _ = load_model(model_id, revision=revision, quantization="none", precision=precision, verbose=False)
+    device_map = {"": 0} if torch.cuda.is_available() else None  # straight to the GPU, not through host memory
+    base, _ = load_model(model_id, revision=revision, quantization="none", precision=precision, device_map=device_map,
+                         verbose=False)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model = model.merge_and_unload() if merge else model
     model.eval()
