@@ -320,12 +320,14 @@ def resolve_source(model_id: str, cache_dir: str | Path | None = None, verbose: 
     path = Path(model_id).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"no such file: {path.absolute()} (model_id {model_id!r})")
+            raise ModelLoadError(f"no such file: {path.absolute()}")
         return {"path": str(path.parent), "gguf_file": path.name, "kind": "gguf"}
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a folder but has no config.json; is it a model folder?")
         return {"path": str(path), "gguf_file": None, "kind": "folder"}
+    if path.exists():
+        raise ModelLoadError(f"{path.absolute()} is a file, not a model folder (a folder with config.json) or .gguf")
     why_local = _looks_like_local_path(model_id)
     if why_local:
         raise ModelLoadError(f"no such folder: {path.absolute()} (model_id {model_id!r} is read as a local path "
@@ -432,7 +434,7 @@ def _from_pretrained(auto_class, source: dict, model_id: str, revision: str | No
     except ValueError as err:
         # transformers' refusal when trust_remote_code=False meets a class it does not ship (hub ids, or a
         # folder whose custom code the local check above did not see)
-        if "trust_remote_code" in str(err):
+        if "trust_remote_code" in str(err) or "does not exist or is not currently imported" in str(err):
             raise _custom_code_error(repr(model_id), [], "transformers does not ship one of its classes") from None
         raise
 
