@@ -2,7 +2,7 @@
 
 The hub is unreachable where the lab is developed, so polyglot-ko-5.8B/12.8B (GPT-NeoX) and Llama-3-8B are built
 from their public configs with RANDOM weights, beside a byte-level BPE tokenizer trained on the shipped data
-(the real tokenizers cannot be downloaded either; the model keeps the real vocabulary size). Every figure from
+(the real tokenizers cannot be downloaded either), filled up to the real vocabulary size. Every figure from
 this script comes from such a model: speed, memory and adapter size are real, losses and answers are not.
 
 Each step runs in its own process, one after another (timings never share the GPU):
@@ -54,8 +54,13 @@ EOS, BOS = "<|endoftext|>", "<|begin_of_text|>"
 
 
 def build_tokenizer(vocab_size: int, pad: str):
-    """A byte-level BPE trained on the shipped data, up to ``vocab_size`` tokens (the shipped data exhausts its
-    merges earlier; the model keeps the real vocabulary size)."""
+    """A byte-level BPE trained on the shipped data, filled up to ``vocab_size`` entries.
+
+    The shipped data runs out of merges near 19k tokens; the rest of the vocabulary is filled with never-produced
+    ``<unused_N>`` entries (as real vocabularies keep reserved tokens), so the tokenizer has the real size.
+    """
+    import tempfile
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,10 +70,18 @@ def build_tokenizer(vocab_size: int, pad: str):
     texts = [r["instruction"] + "\n" + r["output"] for split in dataset.values() for r in split]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, BOS],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS,
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file, merges_file = bpe.model.save(scratch)
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+        vocab.update({f"<unused_{i}>": i for i in range(len(vocab), vocab_size)})
+        merges = models.BPE.read_file(vocab_file, merges_file)[1]
+    filled = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    filled.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    filled.decoder = decoders.ByteLevel()
+    filled.add_special_tokens([EOS, BOS])
+    return PreTrainedTokenizerFast(tokenizer_object=filled, bos_token=BOS, eos_token=EOS,
                                    pad_token=EOS if pad == "eos" else None)
 
 
