@@ -40,8 +40,8 @@ OPTIONAL_TEXT_FIELDS = ("context", "url")
 CONTEXT_ALIASES = ("context", "input")  # Alpaca and KULLM call the context "input"
 ROW_SHAPES = ("instruction", "text", "messages")
 ROLES = ("system", "user", "assistant")
-# Columns each shape fills; a file that mixes shapes gets every column, the unused ones empty.
-EMPTY_COLUMNS = {"instruction": "", "output": "", "context": "", "url": "", "text": "", "messages": []}
+# Columns the shapes fill; a file that mixes shapes gets every column, None where a row's shape has no such field.
+ROW_COLUMNS = ("instruction", "output", "context", "url", "text", "messages")
 TURN_SEPARATOR = "\n\n"  # between one answer's EOS and the next question in a multi-turn template rendering
 TOO_LONG_ACTIONS = ("truncate", "drop", "refuse")
 LABEL_RECIPES = ("seed", "fixed")
@@ -404,9 +404,10 @@ def check_source(source: str) -> str:
 def row_shape(record: dict) -> str:
     """``"messages"``, ``"text"`` or ``"instruction"`` (the default, so that a row of an unknown shape is reported
     as missing its instruction fields). A row with both instruction fields and a ``text`` is an instruction row."""
-    if "messages" in record and "instruction" not in record:
+    given = {name for name, value in record.items() if value is not None}
+    if "messages" in given and "instruction" not in given:
         return "messages"
-    if "text" in record and not any(name in record for name in (*REQUIRED_FIELDS, "input")):
+    if "text" in given and not given & {*REQUIRED_FIELDS, "input"}:
         return "text"
     return "instruction"
 
@@ -467,9 +468,6 @@ def _clean_text_row(number, record, report):
 def _clean_messages_row(number, record, report):
     """The turns as ``[{role, content}]``, or None after reporting the first thing wrong with them."""
     turns = record["messages"]
-    if _is_nan(turns):
-        report.add(number, "messages", "missing")
-        return None
     if not isinstance(turns, (list, tuple)):
         report.add(number, "messages", "wrong_type", f"{type(turns).__name__}, not a list of turns")
         return None
@@ -573,11 +571,11 @@ def validate_rows(rows, report: DataReport, formatter=None, tokenizer=None, max_
 
 
 def _same_columns(rows: list[dict]) -> list[dict]:
-    """Rows of mixed shapes with every column present (the unused ones empty), as a Dataset needs."""
+    """Rows of mixed shapes with every column present (None where unused), as a Dataset needs."""
     if len({tuple(sorted(r)) for r in rows}) <= 1:
         return rows
-    names = [name for name in EMPTY_COLUMNS if any(name in r for r in rows)] + ["row"]
-    return [{name: r.get(name, EMPTY_COLUMNS.get(name)) for name in names} for r in rows]
+    names = [name for name in ROW_COLUMNS if any(name in r for r in rows)] + ["row"]
+    return [{name: r.get(name) for name in names} for r in rows]
 
 
 def load_instructions(source: str = SHIPPED, eval_fraction: float = 0.1, seed: int = 42, tokenizer=None,
@@ -795,6 +793,8 @@ def encode_example(row: dict, tokenizer, recipe: str, template: str = "koalpaca"
     the chat template, the template's own end-of-turn marker, plus one EOS at the end). A row truncated to
     max_length loses its tail and its EOS (it never finished, so it must not teach stopping there).
     """
+    if recipe not in LABEL_RECIPES:
+        raise ValueError(f"unknown label recipe {recipe!r}; choose 'seed' or 'fixed'")
     if recipe == "seed":
         text = full_text(row, tokenizer, template) + tokenizer.eos_token
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
