@@ -434,7 +434,7 @@ def _from_pretrained(auto_class, source: dict, model_id: str, revision: str | No
     except ValueError as err:
         # transformers' refusal when trust_remote_code=False meets a class it does not ship (hub ids, or a
         # folder whose custom code the local check above did not see)
-        if "trust_remote_code" in str(err) or "does not exist or is not currently imported" in str(err):
+        if "trust_remote_code" in str(err) or "is not currently imported" in str(err):
             raise _custom_code_error(repr(model_id), [], "transformers does not ship one of its classes") from None
         raise
 
