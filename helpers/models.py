@@ -156,10 +156,10 @@ def _partial_name(path: Path) -> Path:
 
 
 def _remove_abandoned_partials(cache: Path):
-    """Delete what killed conversions left behind: ``*.partial-<pid>`` whose process is gone (and the
-    ``*.partial`` of earlier versions)."""
-    for partial in cache.glob("*.partial*"):
-        pid = partial.name.rsplit(".partial-", 1)[-1] if ".partial-" in partial.name else ""
+    """Delete what killed conversions left behind: ``*.partial-<pid>`` and ``*.old-<pid>`` whose process is gone
+    (and the ``*.partial`` of earlier versions)."""
+    for partial in [*cache.glob("*.partial*"), *cache.glob("*.old-*")]:
+        pid = partial.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _process_alive(int(pid)):
             continue
         if partial.is_dir():

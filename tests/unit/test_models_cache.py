@@ -46,6 +46,7 @@ def leave_interrupted_first_run(cache):
     folder = cache / EMBEDDED_FOLDER_NAME
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (cache / f"{EMBEDDED_FOLDER_NAME}.old-999999999").mkdir()  # killed between the two renames
     abandoned = cache / f"{EMBEDDED_FOLDER_NAME}.partial-999999999"
     abandoned.mkdir()
     (abandoned / "model.safetensors").write_bytes(b"\0" * 100)
