@@ -69,7 +69,7 @@ def test_interrupted_first_run_is_detected_and_redone(tmp_path, fake_dequantize,
 
 
 def test_conversion_interrupted_while_saving_leaves_no_folder(tmp_path, fake_dequantize, monkeypatch):
-    original_save = models._write_conversion_marker
+    write_marker = models._write_conversion_marker
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C (or the Jupyter stop button) after the weights were written
@@ -79,7 +79,7 @@ def test_conversion_interrupted_while_saving_leaves_no_folder(tmp_path, fake_deq
         embedded_model_path(tmp_path, verbose=False)
     assert not (tmp_path / EMBEDDED_FOLDER_NAME).exists()
     assert not list(tmp_path.glob("*.partial*"))
-    monkeypatch.setattr(models, "_write_conversion_marker", original_save)
+    monkeypatch.setattr(models, "_write_conversion_marker", write_marker)
     assert (embedded_model_path(tmp_path, verbose=False) / CONVERSION_MARKER).exists()
 
 
