@@ -13,7 +13,7 @@ Each step runs in its own process, one after another (timings never share the GP
   blog    notebook 02: blog_recipe(), real fp16 autocast on a GPU, 4-bit
   fixed   notebook 03: fixed_recipe() with a short max_steps and a checkpoint, 4-bit
   eval    notebook 05 in a fresh process: 4-bit base + adapter answers one question and scores answer
-          perplexity on a few rows; then the adapter merged into a bf16 copy and checked (helpers.merging)
+          perplexity on a few rows; then the adapter merged into a bf16 copy and checked (helpers.adapters)
 """
 from __future__ import annotations
 
@@ -130,17 +130,16 @@ def _lora_only(path: Path) -> bool:
 
 def evaluate(folder: Path, adapter: Path) -> dict:
     """Notebook 05's path: reload in this fresh process, answer, score, then merge and check."""
-    from peft import PeftModel
-
+    from helpers.adapters import load_adapter, merge_check
     from helpers.data import load_instructions
     from helpers.evaluation import answer_perplexity, ask
-    from helpers.merging import merge_check
     from helpers.models import load_model
 
     rows = list(load_instructions("shipped", verbose=False)[0]["eval"])[:8]
     _reset_peak()
     base, tokenizer = load_model(str(folder), quantization="4bit", verbose=False)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    model, _ = load_adapter(base, adapter)
+    model.eval()
     answer = ask(model, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=32, do_sample=False)
     perplexity = answer_perplexity(model, tokenizer, rows)
     peak_4bit = _peak_gib()

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into a 16-bit copy of its base, and check that merging changed nothing that matters.
+"""Trained adapters: load one onto its base, merge it into a 16-bit copy, and check that merging changed nothing.
 
 A merged model is what users export and serve; the check tells them whether it still answers like the adapter.
 Merging rounds ``W + BA`` to bf16 once, and bf16 rounding already moves the logits of the unmerged adapter, so the
@@ -17,11 +17,20 @@ from helpers.evaluation import ask, padding_tokenizer
 from helpers.models import load_model
 
 
+def load_adapter(base, adapter_dir, is_trainable: bool = False):
+    """``(peft_model, tokenizer)``: the adapter in ``adapter_dir`` on ``base``, with the tokenizer saved beside it
+    (the one it was trained with; an adapter folder holds no model, so it is read directly, never running code).
+    A tokenizer without a pad gets its EOS as pad: batches are masked by position."""
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
+    return model, tokenizer
+
+
 def _adapter_logits(model_id, revision, adapter_dir, precision, probe, merge=False):
     device_map = {"": 0} if torch.cuda.is_available() else None  # straight to the GPU, not through host memory
     base, _ = load_model(model_id, revision=revision, quantization="none", precision=precision, device_map=device_map,
                          verbose=False)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    model, _ = load_adapter(base, adapter_dir)
     model = model.merge_and_unload() if merge else model
     model.eval()
     device = next(model.parameters()).device
@@ -38,7 +47,6 @@ def merge_check(model_id: str, adapter_dir, rows: list[dict], revision: str | No
     and the unmerged bf16 models against the adapter in fp32, their top-1 agreement, generation speed of both, and
     ``within_tolerance``: merged mean error <= ``tolerance`` x unmerged mean error.
     """
-    # The tokenizer the adapter was trained with, saved beside it (an adapter folder is no model folder).
     tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
     probe = tokenizer([format_prompt(r["instruction"], r.get("context", "")) for r in rows], return_tensors="pt",
                       padding=True)
