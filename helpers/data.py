@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
 import hashlib
 import io
 import json
@@ -257,7 +258,8 @@ def _json_array_rows(text: str, report: DataReport) -> list[tuple[int, object]]:
             break
         if pos >= len(text):
             report.add(number + 1, "*", "invalid_json",
-                       f"the file ends at line {_line_of(text, pos)} before the closing ]; rows after this point are lost")
+                       f"the file ends at line {_line_of(text, pos)} before the closing ]; "
+                       f"rows after this point are lost")
             break
         number += 1
         try:
@@ -372,9 +374,15 @@ FILE_LIKE_SUFFIXES = (*DATA_SUFFIXES, ".txt", ".tsv", ".xlsx", ".xls", ".gz", ".
 def _looks_like_path(source: str) -> bool:
     """A missing source written like a local path (or inside a folder that exists here): never sent to the hub."""
     separators = {os.sep, os.altsep or os.sep, "\\"} - {"/"}  # "/" also separates owner/name in hub ids
+    suffix = Path(source).suffix.lower()
     return (source.startswith((".", "~", "/")) or any(s in source for s in separators)
-            or not _HUB_ID.fullmatch(source) or Path(source).suffix.lower() in FILE_LIKE_SUFFIXES
+            or not _HUB_ID.fullmatch(source) or suffix in FILE_LIKE_SUFFIXES or _mistyped_suffix(suffix)
             or Path(source).parent.is_dir())
+
+
+def _mistyped_suffix(suffix: str) -> bool:
+    """``.josnl``, ``.cvs``: letters close to a data suffix (hub names end in things like ``.1a``, not these)."""
+    return suffix[1:].isalpha() and bool(difflib.get_close_matches(suffix, DATA_SUFFIXES, n=1, cutoff=0.6))
 
 
 def check_source(source: str) -> str:
@@ -444,8 +452,9 @@ def _text_field(number, record, name, report, required=True):
 
 def _clean_instruction_row(number, record, report):
     if not _looks_like_row(record):
-        report.add(number, "*", "missing", f"no known row shape (fields: {_printable(', '.join(map(str, record)), 120)});"
-                                          f" expected instruction and output, text, or messages")
+        fields = _printable(", ".join(map(str, record)), 120)
+        report.add(number, "*", "missing",
+                   f"no known row shape (fields: {fields}); expected instruction and output, text, or messages")
         return None
     clean = {name: _text_field(number, record, name, report) for name in REQUIRED_FIELDS}
     clean["context"] = ""

@@ -169,6 +169,7 @@ def no_hub(monkeypatch):
     "data/train",          # its folder exists here (before: sent to the hub)
     "data/rows.txt",       # a file suffix (before: sent to the hub)
     "my data/rows",        # not an owner/name id (before: sent to the hub)
+    "train/rows.josnl", "train/rows.cvs",  # a mistyped suffix (before: sent to the hub)
     "data\\train.jsonl",   # a Windows path
     "./rows", "~/rows_that_do_not_exist", "a/b/c", "rows.JSONL", "data/rows.parquet",
 ])
