@@ -8,6 +8,7 @@ this script comes from such a model: speed, memory and adapter size are real, lo
 Each step runs in its own process, one after another (timings never share the GPU):
 
     python -m benchmarks.real_shapes all polyglot-ko-5.8b [--parts build,blog,fixed,eval] [--steps 20]
+    python -m benchmarks.real_shapes table --out outputs/real_shapes     # markdown table of the results
 
   build   random-weight model folder + stand-in tokenizer (pad == eos for polyglot-ko, no pad for Llama-3)
   blog    notebook 02: blog_recipe(), real fp16 autocast on a GPU, 4-bit
@@ -184,16 +185,40 @@ def run_all(shape: str, work: Path, out: Path, steps: int, parts=STEPS) -> dict:
     return result
 
 
+def markdown_table(results_dir: Path) -> str:
+    """One row per shape and recipe, from the JSON files ``all`` wrote (every figure from random weights)."""
+    lines = ["| shape (random weights) | pad | notebook path | ran | s/step | peak GiB allocated / reserved | "
+             "adapter MB (LoRA keys only) | merge check (merged vs unmerged bf16 mean logit error, top-1) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        merge = result.get("eval", {}).get("merge")
+        for recipe, notebook in (("blog", "02 blog, real fp16"), ("fixed", "03 fixed, bf16")):
+            run = result.get(recipe, {})
+            ran = "failed" not in run and run.get("global_step") == result["steps"]
+            merged = "" if recipe == "blog" or not merge else (
+                f"{'passed' if merge['within_tolerance'] else 'FAILED'}: {merge['mean_abs_error_merged_bf16']:.4f} vs "
+                f"{merge['mean_abs_error_unmerged_bf16']:.4f}, top-1 {merge['top1_agreement_merged_vs_fp32']:.1%}")
+            lines.append(f"| {result['shape']} | {result['build']['pad']} | {notebook} | "
+                         f"{'yes' if ran else 'no'}, {run.get('global_step')} steps | {run.get('seconds_per_step')} | "
+                         f"{run.get('peak_gpu_allocated_gib')} / {run.get('peak_gpu_reserved_gib')} | "
+                         f"{run.get('adapter_mb')} ({'yes' if run.get('adapter_keys_lora_only') else 'NO'}) | {merged} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("all", "build", "blog", "fixed", "eval"))
-    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("step", choices=("all", "table") + STEPS)
+    parser.add_argument("shape", nargs="?", choices=sorted(SHAPES), help="(table: not needed)")
     parser.add_argument("--work", type=Path, default=Path("outputs/real_shapes/work"), help="model folders")
     parser.add_argument("--out", type=Path, default=Path("outputs/real_shapes"), help="result JSON files")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each training run")
     parser.add_argument("--result", type=Path, help="(one step) where to write its JSON")
     parser.add_argument("--parts", default=",".join(STEPS), help="(all) which steps to run, comma-separated")
     args = parser.parse_args(argv)
+    if args.step == "table":
+        print(markdown_table(args.out))
+        return 0
     folder = args.work / args.shape
     if args.step == "all":
         print(json.dumps(run_all(args.shape, args.work, args.out, args.steps, args.parts.split(",")), indent=1,
