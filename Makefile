@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	# .gitattributes sends notebooks through nbstripout on commit: outputs of interactive runs never get committed
+	! git rev-parse --git-dir >/dev/null 2>&1 || { git config filter.nbstripout.clean "'$(abspath $(PY))' -m nbstripout --keep-id" && git config filter.nbstripout.smudge cat; }
 	$(PY) -c "from helpers.models import embedded_model_path; print(embedded_model_path())"
 	touch $@
 

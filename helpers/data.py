@@ -176,7 +176,7 @@ def _json_error(err: BaseException) -> str:
     if isinstance(err, _NonStandardConstant):
         return f"{err} (NaN and Infinity literals are not allowed)"
     if "integer string conversion" in str(err):
-        return f"an integer literal longer than {sys.get_int_max_str_digits()} digits"
+        return f"an integer literal longer than {sys.get_int_max_str_digits()} digits"  # novermin: in 3.10.7+ too (a security backport)
     return f"{type(err).__name__}: {_printable(str(err), 120)}"
 
 

@@ -92,3 +92,15 @@ def test_code_runs_on_the_oldest_python_the_readme_promises():
     found = subprocess.run([str(Path(sys.executable).parent / "vermin"), f"--target={promised}-", "--violations", "--no-tips",
                             "--quiet", "helpers", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert found.returncode == 0, found.stdout + found.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_have_cell_ids_and_pass_the_commit_filter_unchanged(path):
+    # A cell without an id gets one from JupyterLab on opening, which marks the notebook changed; the nbstripout
+    # filter that .gitattributes names must leave a committed notebook exactly as it is.
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    assert all(cell.get("id") for cell in cells), "a cell has no id"
+    stripped = subprocess.run([sys.executable, "-m", "nbstripout", "--keep-id", "-t"], input=path.read_text("utf-8"),
+                              capture_output=True, text=True, check=True).stdout
+    assert stripped == path.read_text(encoding="utf-8")
+    assert "*.ipynb filter=nbstripout" in (ROOT / ".gitattributes").read_text()
