@@ -1,4 +1,4 @@
-"""Tests for helpers/data.py: label recipes, bad input, splits, the command line and prompts.
+"""Tests for helpers.data: label recipes, bad input, splits, the command line and prompts.
 
 The tokenizer is the embedded gemma-3-270m one (pad '<pad>' id 0, eos '<eos>' id 1, bos id 2). No model
 weights are loaded. The shipped data files are not tested here.

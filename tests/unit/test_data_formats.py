@@ -1,4 +1,4 @@
-"""Tests for the row shapes and file encodings of helpers/data.py: Alpaca/KULLM ``input``, ``text`` rows,
+"""Tests for the row shapes and file encodings of helpers.data: Alpaca/KULLM ``input``, ``text`` rows,
 ``messages`` rows (template and chat-template renderings), mixed files, UTF-8 with BOM and CP949, and the length
 check of ``python -m helpers.data check``.
 

@@ -1,4 +1,4 @@
-"""Hostile input to helpers/data.py: every broken row is a row-level report, the good rows are kept, and nothing
+"""Hostile input to helpers.data: every broken row is a row-level report, the good rows are kept, and nothing
 ends in a traceback. Also: a directory, a JSON object that wraps its rows, and mistyped local paths (which must
 never be sent to the hub). No tokenizer is needed except in the command-line test.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import data as lab_data
+from helpers.data import sources as data_sources
 from helpers.data import DataError, DataReport, check_source, load_instructions, read_rows, validate_rows
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ def no_hub(monkeypatch):
     def refuse(name, revision):
         raise AssertionError(f"{name!r} was sent to the hub")
 
-    monkeypatch.setattr(lab_data, "_read_hub", refuse)
+    monkeypatch.setattr(data_sources, "_read_hub", refuse)
 
 
 @pytest.mark.parametrize("source", [
@@ -182,7 +182,7 @@ def test_mistyped_local_path_is_a_missing_file_not_a_hub_id(tmp_path, monkeypatc
 
 def test_hub_id_still_goes_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(lab_data, "_read_hub", lambda name, revision: list(enumerate(GOOD, start=1)))
+    monkeypatch.setattr(data_sources, "_read_hub", lambda name, revision: list(enumerate(GOOD, start=1)))
     assert check_source("beomi/KoAlpaca-v1.1a") == "hub"
     _, report = load_instructions("beomi/KoAlpaca-v1.1a", verbose=False)
     assert report.rows_kept == 3
