@@ -1,11 +1,27 @@
-"""Where runs write (only under ``outputs/``), what they record about the environment, and summary.json."""
+"""Where runs write (only under ``outputs/``), what they record about the environment, and summary.json.
+
+Also how they write there without losing anything: files and folders appear whole or not at all
+(:func:`atomic_write_text`, :func:`publish_folder`), one run at a time holds a folder (:class:`RunLock`), and a
+full disk or an unwritable folder ends a run with one message that names the folder (:func:`explain_write_error`).
+"""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import platform
+import shutil
+import socket
+import time
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs there go without the folder lock
+    fcntl = None
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "papermill", "wandb",
             "kiwipiepy", "matplotlib"]
@@ -56,9 +72,265 @@ def _clean(value):
 
 
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
-    """Write ``summary.json`` (with the environment added) into ``out_dir`` and return its path."""
+    """Write ``summary.json`` (with the environment and, unless the summary has them, the process's peak GPU
+    memory added) into ``out_dir`` and return its path."""
     out = output_dir(out_dir)
     path = out / "summary.json"
-    data = {**summary, "environment": environment()}
-    path.write_text(json.dumps(_clean(data), ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    data = {**peak_gpu_memory(), **summary, "environment": environment()}
+    atomic_write_text(path, json.dumps(_clean(data), ensure_ascii=False, indent=1, default=str))
     return path
+
+
+def peak_gpu_memory() -> dict:
+    """Peak GPU memory since the last ``torch.cuda.reset_peak_memory_stats()`` (train() resets it when it starts),
+    in GiB: allocated by tensors, and reserved by PyTorch's caching allocator (what nvidia-smi shows). None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_gpu_allocated_gib": None, "peak_gpu_reserved_gib": None}
+    return {"peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
+def shown_path(path: str | Path, base: str | Path | None = None) -> str:
+    """A path as run cards and messages show it: relative to the project, else to ``base``, else as given."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    for root in (project_root(), base):
+        if root is not None:
+            try:
+                return str(path.relative_to(os.path.abspath(root)))
+            except ValueError:
+                pass
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------- safe writes
+
+def _fsync_dir(folder: Path):
+    # the rename itself is durable only once the folder's entry is on disk
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``: a reader (or an
+    interrupted run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def fsync_folder(folder: str | Path):
+    """Flush every file of a freshly written folder to disk, so that its rename publishes whole files."""
+    for file in Path(folder).rglob("*"):
+        if file.is_file():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(Path(folder))
+
+
+REPLACED_SUFFIX = ".replaced"
+
+
+def publish_folder(staged: str | Path, final: str | Path) -> Path:
+    """Rename a fully written folder to its final name, replacing a folder already there.
+
+    A folder cannot be renamed over a non-empty one, so the old one first moves to ``<final>.replaced`` and is
+    deleted after; an interruption between the two renames leaves it there, and :func:`restore_replaced` puts it
+    back at the next start."""
+    staged, final = Path(staged), Path(final)
+    fsync_folder(staged)
+    replaced = final.with_name(final.name + REPLACED_SUFFIX)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def restore_replaced(final: str | Path):
+    """Undo half of an interrupted :func:`publish_folder`: the old folder goes back under its name."""
+    final = Path(final)
+    replaced = final.with_name(final.name + REPLACED_SUFFIX)
+    if replaced.exists():
+        if final.exists():
+            shutil.rmtree(replaced)
+        else:
+            os.replace(replaced, final)
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def free_bytes(folder: str | Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+class OutputFolderError(OSError):
+    """A run cannot write its output folder: full, read-only or not permitted. The message says which and what to do."""
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def explain_write_error(error: OSError, folder: str | Path, what: str, needed: int | None = None,
+                        intact: str | None = None) -> OSError:
+    """One message for an OSError met while writing under ``folder``: the folder, and for a full disk the
+    space needed and free. Other errors come back unchanged."""
+    folder = Path(folder)
+    where = shown_path(folder)
+    kept = f"; {intact} is intact" if intact else ""
+    if error.errno in NO_SPACE:
+        try:
+            free = megabytes(free_bytes(folder if folder.exists() else folder.parent))
+        except OSError:
+            free = "unknown"
+        need = f"about {megabytes(needed)} needed, {free} free" if needed else f"{free} free"
+        return OutputFolderError(f"no space left in {where} while writing {what} ({need}){kept}; free some space "
+                                 "or choose another out_dir, then run again (resume=True continues from the last "
+                                 "checkpoint)")
+    if error.errno in NOT_WRITABLE:
+        return OutputFolderError(f"cannot write to {where} ({error.strerror}) while writing {what}{kept}; "
+                                 "choose another out_dir or make this one writable")
+    return error
+
+
+@contextmanager
+def writing_into(folder: str | Path, what: str, needed: int | None = None, intact: str | None = None,
+                 partial: str | Path | None = None):
+    """Turn a full disk or an unwritable folder met inside the block into one :class:`OutputFolderError`
+    (see :func:`explain_write_error`), after deleting ``partial``, the half-written file or folder."""
+    try:
+        yield
+    except OSError as error:
+        if partial is not None and Path(partial).is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        elif partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        explained = explain_write_error(error, folder, what, needed, intact)
+        if explained is error:
+            raise
+        raise explained from error
+
+
+def check_free_space(folder: str | Path, needed: int, what: str):
+    """Stop before a run starts when its folder has not the room for what it will write."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise OutputFolderError(f"not enough free space in {shown_path(folder)} for {what}: about "
+                                f"{megabytes(needed)} needed, {megabytes(free)} free; free some space or choose "
+                                "another out_dir")
+
+
+# --------------------------------------------------------------------------------------------- one run per folder
+
+LOCK_NAME = "run.lock"
+
+
+class OutputFolderBusy(RuntimeError):
+    """Another run is writing the same output folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run's output folder, held while the run writes there.
+
+    ``fcntl.flock`` on ``out_dir/run.lock``: the kernel releases it when its process ends in any way, so the lock
+    of a killed run (the file is left behind, nothing holds it) is taken over; ``took_over`` then describes that
+    run. The file records pid, host and start time, for the message a second run gets.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.took_over: dict | None = None
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder()
+                raise OutputFolderBusy(
+                    f"{shown_path(self.folder)} is in use by another training run ({describe_holder(holder)}); "
+                    "wait for it to end or choose another out_dir") from None
+            # A run releasing its lock deletes the file: if this one was deleted meanwhile, lock the new one.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd = fd
+        earlier = self._holder()
+        if earlier:
+            self.took_over = earlier
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode(), 0)
+        os.fsync(fd)
+        return self
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def release(self):
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held, so no other run locks the file being deleted
+        except OSError:
+            pass
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def describe_holder(holder: dict | None) -> str:
+    if not holder:
+        return "pid unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"

@@ -5,10 +5,13 @@ and a data source and returns the trainer, the trace of every step and a summary
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,8 +19,11 @@ import torch
 
 from helpers.data import LABEL_RECIPES
 from helpers.models import QUANTIZATIONS
+from helpers.outputs import (RunLock, atomic_write_text, check_free_space, describe_holder, folder_bytes,
+                             peak_gpu_memory, publish_folder, restore_replaced, shown_path, writing_into)
 
 PRECISION_MODES = ("auto", "fp16", "fp16_emulated", "bf16", "fp32")
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept in out_dir/checkpoints
 
 
 @dataclass
@@ -143,7 +149,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, precision: str, r
         logging_steps=recipe.logging_steps, logging_first_step=False,
         eval_strategy="steps" if has_eval else "no", eval_steps=recipe.eval_steps if has_eval else None,
         save_strategy="steps" if recipe.save_steps > 0 else "no", save_steps=recipe.save_steps or 500,
-        save_total_limit=2, train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
         gradient_checkpointing=False,  # already enabled by prepare_lora, in the blog's order
         seed=recipe.seed, data_seed=recipe.seed, report_to=report_to, disable_tqdm=False,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
@@ -164,8 +171,13 @@ def labelled_logits_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     keep = targets != -100
     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True,
                     logits_to_keep=1)
+    head = model.get_output_embeddings()
     hidden = outputs.hidden_states[-1][:, :-1][keep]
-    logits = model.get_output_embeddings()(hidden).float()
+    if head.weight.is_floating_point():
+        # Mixed precision hands back fp32 hidden states (accelerate casts a model's outputs to fp32) while a bf16
+        # model's head stays bf16; the model's own loss runs its head inside autocast, this one runs outside it.
+        hidden = hidden.to(head.weight.dtype)
+    logits = head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -175,6 +187,7 @@ def labelled_logits_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
 
 def _lab_trainer_class():
     from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
     from helpers.diagnostics import rng_state
     from helpers.fp16_emulation import DynamicLossScale, fp16_range
@@ -195,6 +208,8 @@ def _lab_trainer_class():
             self.loss_scaler = DynamicLossScale() if emulate_fp16 else None
             self.first_nonfinite_batch = None
             self._unscaled = False
+            self._staging_root = None   # set while a checkpoint is written (see _save_checkpoint)
+            self.checkpoint_bytes = None  # size of a checkpoint, estimated, then measured on the first one
 
         def loss_scale(self):
             if self.loss_scaler is not None:
@@ -298,11 +313,48 @@ def _lab_trainer_class():
                 self.monitor.record_grad_norm(grad_norm)
             return grad_norm
 
+        def _save(self, output_dir=None, state_dict=None):
+            # Relies on transformers 5.23 Trainer._save saving a PeftModel through self.model.save_pretrained(...).
+            from peft import PeftModel
+
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if not isinstance(model, PeftModel):
+                return super()._save(output_dir, state_dict)
+            # LoRA weights only: no copy of the (unchanged) embeddings, and no hub look-up that "auto" would do.
+            model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained
+
+        def _get_output_dir(self, trial):
+            # Relies on transformers 5.23 Trainer._save_checkpoint taking its folder (and rotating) from this method.
+            return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
-                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                (folder / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
+            """Write the checkpoint into checkpoints/staging, check it, then rename it into place: a run killed or
+            out of space while saving leaves the earlier checkpoints as they were and no half checkpoint."""
+            # Relies on transformers 5.23 Trainer._save_checkpoint writing all into <_get_output_dir>/checkpoint-<step>.
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self._staging_root = run_dir / STAGING_NAME
+            staged = self._staging_root / name
+            shutil.rmtree(staged, ignore_errors=True)
+            try:
+                with writing_into(run_dir, name, needed=self.checkpoint_bytes, intact="every earlier checkpoint",
+                                  partial=staged):
+                    super()._save_checkpoint(model, trial)
+                    if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
+                        (staged / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
+                    write_completion_marker(staged)
+                    publish_folder(staged, run_dir / name)
+            finally:
+                if self._staging_root.is_dir() and not any(self._staging_root.iterdir()):
+                    self._staging_root.rmdir()
+                self._staging_root = None
+            self.checkpoint_bytes = folder_bytes(run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     return LabTrainer
 
@@ -332,26 +384,61 @@ class RunResult:
 def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out_dir: str | Path = "outputs/run",
           revision: str | None = None, report_to: str = "wandb", on_collapse: str = "record",
           max_rows: int | None = None, resume: bool | str = False, model=None, tokenizer=None,
-          save_adapter: bool = True, verbose: bool = True) -> RunResult:
+          save_adapter: bool = True, verbose: bool = True, callbacks: list | None = None) -> RunResult:
     """Train ``recipe`` and keep the evidence under ``out_dir``: trace.jsonl, the adapter, run_card.json.
 
     report_to: ``wandb`` (offline by default) or ``none``. on_collapse: ``record`` or ``stop`` (see
-    :class:`helpers.diagnostics.CollapseMonitor`). resume: True picks the last checkpoint in out_dir.
-    model/tokenizer: pass an already loaded base model to skip loading.
+    :class:`helpers.diagnostics.CollapseMonitor`). model/tokenizer: pass an already loaded base model to skip
+    loading. callbacks: more TrainerCallbacks.
+
+    resume: True continues from the newest valid checkpoint in ``out_dir/checkpoints`` (a newer one that is
+    incomplete or damaged is named, moved to ``invalid_checkpoints/`` and skipped); a path resumes from that
+    checkpoint. A resume refuses a different recipe or different data (sha256 of the file) and names what changed.
+    A run that starts from step 0 (resume=False, or no valid checkpoint) in a folder holding an earlier run's
+    checkpoints, trace, adapter or run card first moves them into ``out_dir/earlier_runs/<time>/``: the runs never
+    mix, and nothing of the earlier one is lost.
+
+    One run at a time writes a folder: a second one stops at once and names the first (pid, host, start time); the
+    lock of a run that was killed is taken over. Checkpoints, the adapter and the run card appear whole or not at
+    all; a full disk or an unwritable folder stops the run with one message and leaves earlier files intact.
     """
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from helpers import data as data_mod
-    from helpers.diagnostics import CollapseMonitor, read_trace
-    from helpers.models import device_description, load_model
-    from helpers.outputs import package_versions
 
     recipe.validate()
     data_mod.check_source(data)  # fail before loading a model
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(out_dir, recipe, resume)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    lock = _lock_output_folder(out_dir)
+    try:
+        _tidy_interrupted_writes(out_dir)
+        checkpoint, skipped = _choose_checkpoint(out_dir, resume, verbose)
+        inputs = _data_identity(data, data_mod.file_sha256(data), max_rows)
+        if checkpoint is not None:
+            _check_resumable(out_dir, recipe, inputs)
+            set_aside = None
+        else:
+            set_aside = _set_aside_earlier_run(out_dir, verbose)
+        with writing_into(out_dir, "recipe.json"):
+            _record_run_inputs(out_dir, recipe, inputs)
+        set_seed(recipe.seed)
+        return _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows,
+                                       checkpoint, model, tokenizer, save_adapter, verbose, callbacks,
+                                       notes={"took_over_lock_of": lock.took_over, "skipped_checkpoints": skipped,
+                                              "earlier_run_moved_to": set_aside, "data_sha256": inputs["data_sha256"]})
+    finally:
+        lock.release()
+
+
+def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows, checkpoint,
+                            model, tokenizer, save_adapter, verbose, callbacks, notes) -> RunResult:
+    from helpers import data as data_mod
+    from helpers.diagnostics import CollapseMonitor
+    from helpers.models import device_description, load_model
+    from helpers.outputs import package_versions
+
     precision = effective_precision(recipe.precision)
     if precision == "fp16_emulated" and recipe.gradient_checkpointing:
         # Checkpointing recomputes the forward inside backward, outside the emulation (and under a restored CPU
@@ -359,12 +446,11 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
         recipe = replace(recipe, gradient_checkpointing=False)
         if verbose:
             print("fp16 emulation: gradient checkpointing off (same math, no recompute outside the emulation)")
-    set_seed(recipe.seed)
     if model is None:
         model, tokenizer = load_model(model_id, revision=revision, quantization=recipe.quantization,
                                       precision=_load_precision(recipe, precision), verbose=verbose)
-    if data_mod.prepare_tokenizer(tokenizer, recipe.labels):
-        model.resize_token_embeddings(len(tokenizer))
+    data_mod.prepare_tokenizer(tokenizer, recipe.labels)
+    _check_pad_fits(model, tokenizer)
     dataset, data_report = data_mod.load_instructions(data, tokenizer=tokenizer, max_length=recipe.max_length,
                                                       template=recipe.template, seed=recipe.seed,
                                                       max_rows=max_rows, verbose=verbose)
@@ -372,42 +458,37 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
     model = prepare_lora(model, recipe)
     if verbose:
         model.print_trainable_parameters()
+    staged_adapter = out_dir / ADAPTER_STAGING_NAME
+    checkpoint_bytes = _check_space_for_run(out_dir, recipe, model, tokenizer, staged_adapter, save_adapter)
     if report_to == "wandb":
         setup_wandb(out_dir)
-    checkpoint = None
-    if resume:
-        folder = out_dir / "checkpoints"
-        checkpoint = resume if isinstance(resume, str) else \
-            (get_last_checkpoint(str(folder)) if folder.is_dir() else None)
-        if checkpoint is None and verbose:
-            print(f"resume: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0")
     # A resumed run keeps the trace up to its checkpoint, so its curve continues the first run's.
-    previous = [r for r in read_trace(out_dir / "trace.jsonl") if r.step <= _step_of(checkpoint)] \
-        if checkpoint and (out_dir / "trace.jsonl").exists() else []
+    previous = _trace_until(out_dir / "trace.jsonl", _step_of(checkpoint)) if checkpoint else []
     monitor = CollapseMonitor(out_dir, on_collapse=on_collapse, wandb_log=report_to == "wandb", previous=previous)
     args = training_arguments(recipe, out_dir / "checkpoints", precision, report_to, run_name=out_dir.name)
     trainer = _lab_trainer_class()(
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"] if recipe.eval_steps > 0 else None,
-        data_collator=data_mod.make_collator(tokenizer, recipe.labels), callbacks=[monitor],
+        data_collator=data_mod.make_collator(tokenizer, recipe.labels), callbacks=[monitor, *(callbacks or [])],
         monitor=monitor, emulate_fp16=precision == "fp16_emulated", labelled_logits_only=recipe.labelled_logits_only)
+    trainer.checkpoint_bytes = checkpoint_bytes
     if checkpoint and trainer.loss_scaler is not None and (Path(checkpoint) / "loss_scale.json").exists():
         vars(trainer.loss_scaler).update(json.loads((Path(checkpoint) / "loss_scale.json").read_text()))
     started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with writing_into(out_dir, "the training trace", intact="every earlier checkpoint"):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.time() - started
     if report_to == "wandb":
         _finish_wandb()
     finding = monitor.finding()
     adapter_dir = out_dir / "adapter"
     if save_adapter:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
+        _save_adapter(model, staged_adapter, adapter_dir)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
         "recipe": asdict(recipe), "precision": precision, "model_id": model_id, "revision": revision,
-        "data": data, "data_sha256": data_mod.file_sha256(data), "data_report": data_report.counts(),
+        "data": data, "data_sha256": notes.pop("data_sha256"), "data_report": data_report.counts(),
         "train_rows": len(dataset["train"]), "eval_rows": len(dataset["eval"]),
         "global_step": trainer.state.global_step, "wall_seconds": round(wall, 1),
         "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(checkpoint)), 3),
@@ -416,31 +497,268 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
         "collapse": asdict(finding), "collapse_text": finding.text(), "stopped_at": monitor.stopped_at,
         "final_learning_rate": monitor.records[-1].learning_rate if monitor.records else None,
         "final_loss_scale": monitor.records[-1].loss_scale if monitor.records else None,
-        "resumed_from": checkpoint, "adapter_dir": str(adapter_dir) if save_adapter else None,
+        "resumed_from": shown_path(checkpoint, out_dir) if checkpoint else None,
+        "adapter_dir": shown_path(adapter_dir, out_dir) if save_adapter else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **peak_gpu_memory(), **notes,
         "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
     }
-    (out_dir / "run_card.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str))
+    with writing_into(out_dir, "run_card.json", intact="the adapter"):
+        atomic_write_text(out_dir / "run_card.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str))
     return RunResult(trainer, model, tokenizer, recipe, precision, monitor, summary)
+
+
+def _trace_until(path: Path, step: int) -> list:
+    """The trace's records up to ``step``. A run killed while appending a line leaves it torn; it is dropped (its
+    step is after the checkpoint anyway)."""
+    from helpers.diagnostics import StepRecord
+
+    records = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            records.append(StepRecord(**json.loads(line)))
+        except (ValueError, TypeError):
+            continue
+    return [r for r in records if r.step <= step]
+
+
+def _check_pad_fits(model, tokenizer):
+    """Padding must use a token the model already has: train() adds no tokens, so the saved adapter holds LoRA
+    weights only and loads on the unchanged base model."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= rows:
+        raise ValueError(f"the tokenizer's pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}) is not "
+                         f"one of the model's {rows} embeddings; pad with a token it has (helpers.data.prepare_tokenizer)")
+
+
+# ------------------------------------------------------------------------------------- output folder and resume
+
+STAGING_NAME = "staging"                 # checkpoints/staging/checkpoint-N while Trainer writes it
+ADAPTER_STAGING_NAME = "adapter.partial"  # the adapter while it is written; renamed to adapter/ when whole
+COMPLETION_MARKER = "checkpoint_complete.json"
+INVALID_CHECKPOINTS = "invalid_checkpoints"
+EARLIER_RUNS = "earlier_runs"
+# What one run writes into its out_dir; a run starting from step 0 moves an earlier run's copy of these aside
+# (with its recipe.json and data.json).
+RUN_STATE = ("checkpoints", INVALID_CHECKPOINTS, "trace.jsonl", "adapter", "last_good", "run_card.json")
+
+
+def _lock_output_folder(out_dir: Path) -> RunLock:
+    with writing_into(out_dir, "its lock file"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir).acquire()
+    if lock.took_over:
+        warnings.warn(f"{shown_path(out_dir)}: took over the lock of an earlier run ({describe_holder(lock.took_over)}"
+                      "), which is no longer running", stacklevel=3)
+    return lock
+
+
+def _tidy_interrupted_writes(out_dir: Path):
+    """What a run killed while saving leaves behind: half-written folders (deleted: nothing in them was ever
+    published) and an adapter caught between the two renames of publish_folder (put back)."""
+    shutil.rmtree(out_dir / "checkpoints" / STAGING_NAME, ignore_errors=True)
+    shutil.rmtree(out_dir / ADAPTER_STAGING_NAME, ignore_errors=True)
+    restore_replaced(out_dir / "adapter")
+    for replaced in (out_dir / "checkpoints").glob("checkpoint-*.replaced"):
+        restore_replaced(replaced.with_suffix(""))
+
+
+def write_completion_marker(folder: Path):
+    """List every file of a finished checkpoint with its size; checkpoint_problem compares them."""
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / COMPLETION_MARKER).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it can: it needs its trainer state, a whole
+    adapter, the optimizer and scheduler, and (when it has one) files of the sizes its completion marker lists."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+    except (ValueError, KeyError, OSError):
+        return "trainer_state.json is unreadable"
+    if step != _step_of(folder):
+        return f"trainer_state.json is of step {step}"
+    for name in ("adapter_config.json", "optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    problem = _safetensors_problem(folder / "adapter_model.safetensors")
+    if problem:
+        return problem
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not zipfile.is_zipfile(folder / name):  # torch.save writes a zip whose directory is at its end
+            return f"{name} is cut short or damaged"
+    marker = folder / COMPLETION_MARKER
+    if marker.is_file():
+        try:
+            listed = json.loads(marker.read_text())["files"]
+        except (ValueError, KeyError, OSError):
+            return f"{COMPLETION_MARKER} is unreadable"
+        for name, size in listed.items():
+            actual = (folder / name).stat().st_size if (folder / name).is_file() else None
+            if actual != size:
+                return f"{name} has {actual} bytes, {size} were written"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors it lists: a file cut short
+    (or padded) no longer matches the size its header describes."""
+    if not path.is_file():
+        return f"no {path.name}"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                raise ValueError
+            header = json.loads(handle.read(header_length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError):
+        return f"{path.name} is damaged (no readable header)"
+    if 8 + header_length + end != size:
+        return f"{path.name} has {size} bytes, its header describes {8 + header_length + end}"
+    return None
+
+
+def _choose_checkpoint(out_dir: Path, resume, verbose: bool) -> tuple[Path | None, list]:
+    """The checkpoint to resume from: the newest valid one. Newer invalid ones move to invalid_checkpoints/ (so
+    that Trainer's rotation and the next resume do not meet them) with a warning that says why."""
+    if not resume:
+        return None, []
+    if isinstance(resume, (str, Path)):
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"cannot resume from {shown_path(resume, out_dir)}: {problem}")
+        return Path(resume), []
+    folder = out_dir / "checkpoints"
+    found = sorted((f for f in folder.glob("checkpoint-*") if f.is_dir() and f.name.split("-")[-1].isdigit()),
+                   key=_step_of, reverse=True)
+    chosen, skipped = None, []
+    for candidate in found:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            chosen = candidate
+            break
+        skipped.append({"checkpoint": candidate.name, "problem": problem})
+    for entry in skipped:
+        destination = out_dir / INVALID_CHECKPOINTS / entry["checkpoint"]
+        shutil.rmtree(destination, ignore_errors=True)
+        destination.parent.mkdir(exist_ok=True)
+        os.replace(folder / entry["checkpoint"], destination)
+        warnings.warn(f"resume: skipped {entry['checkpoint']} ({entry['problem']}); moved it to "
+                      f"{INVALID_CHECKPOINTS}/", stacklevel=3)
+    if verbose:
+        print(f"resume: from {chosen.name}, the newest valid checkpoint" if chosen else
+              f"resume: no valid checkpoint in {shown_path(folder)}, starting from step 0")
+    return chosen, skipped
+
+
+def _set_aside_earlier_run(out_dir: Path, verbose: bool) -> str | None:
+    """Move an earlier run's files out of the way of a run that starts from step 0; returns where to."""
+    present = [name for name in RUN_STATE if (out_dir / name).exists()]
+    if not present:
+        return None
+    present += [name for name in ("recipe.json", "data.json") if (out_dir / name).exists()]
+    started = out_dir / ("recipe.json" if "recipe.json" in present else present[0])  # written when that run began
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started.stat().st_mtime))
+    destination = out_dir / EARLIER_RUNS / stamp
+    suffix = 1
+    while destination.exists():
+        suffix += 1
+        destination = out_dir / EARLIER_RUNS / f"{stamp}-{suffix}"
+    destination.mkdir(parents=True)
+    for name in present:
+        os.replace(out_dir / name, destination / name)
+    where = shown_path(destination, out_dir)
+    if verbose:
+        print(f"starting from step 0: the earlier run in this folder ({', '.join(present)}) moved to {where}")
+    return where
 
 
 # Fields a resumed run may change: how long it runs and how often it logs, evaluates and saves.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps"}
 
 
-def _check_resumable(out_dir: Path, recipe: Recipe, resume) -> None:
-    """Refuse to resume a checkpoint of a different recipe (a changed parameter with the old output_dir would
-    otherwise continue the old run silently); record this run's recipe for the next resume."""
-    saved = out_dir / "recipe.json"
+def _check_resumable(out_dir: Path, recipe: Recipe, inputs: dict) -> None:
+    """Refuse to resume a checkpoint of a different recipe or different data (a changed parameter or data file with
+    the old output_dir would otherwise continue the old run silently), naming every changed field."""
     current = asdict(recipe)
-    if resume and saved.exists() and (out_dir / "checkpoints").is_dir():
-        previous = json.loads(saved.read_text())
-        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and previous.get(k) != current[k])
-        if changed:
-            raise ValueError(f"{out_dir} holds checkpoints of a run with a different recipe ("
-                             + ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
-                             + "); choose another output_dir, or resume=False to start over there")
-    saved.write_text(json.dumps(current, indent=1))
+    changes = []
+    if (out_dir / "recipe.json").exists():
+        previous = json.loads((out_dir / "recipe.json").read_text())
+        changes += [f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in sorted(current)
+                    if k not in RESUMABLE_CHANGES and previous.get(k) != current[k]]
+    if (out_dir / "data.json").exists():  # recorded since data checks began; older runs have only recipe.json
+        previous = json.loads((out_dir / "data.json").read_text())
+        other_content = previous.get("data_sha256") != inputs["data_sha256"]
+        other_hub_set = not inputs["local"] and previous.get("data_file") != inputs["data_file"]
+        if other_content or other_hub_set:
+            changes.append(f"data: {previous.get('data_file')!r} (sha256 {str(previous.get('data_sha256'))[:12]}) -> "
+                           f"{inputs['data_file']!r} (sha256 {inputs['data_sha256'][:12]})")
+        if previous.get("max_rows") != inputs["max_rows"]:
+            changes.append(f"max_rows: {previous.get('max_rows')!r} -> {inputs['max_rows']!r}")
+    if changes:
+        raise ValueError(f"{shown_path(out_dir)} holds checkpoints of a run with a different recipe or data ("
+                         + "; ".join(changes) + "); choose another output_dir, or resume=False to start over there "
+                         f"(the earlier run then moves to {EARLIER_RUNS}/)")
+
+
+def _data_identity(data: str, sha256: str, max_rows) -> dict:
+    """What a resume compares: a local file by its content (it may have moved), a hub data set by its id."""
+    local = sha256 != "not a local file"
+    return {"data_file": Path(data).name if local else data, "data_sha256": sha256, "local": local,
+            "max_rows": max_rows}
+
+
+def _record_run_inputs(out_dir: Path, recipe: Recipe, inputs: dict):
+    """recipe.json and data.json: what the next resume compares against."""
+    atomic_write_text(out_dir / "recipe.json", json.dumps(asdict(recipe), indent=1))
+    atomic_write_text(out_dir / "data.json", json.dumps(inputs, ensure_ascii=False, indent=1))
+
+
+def _check_space_for_run(out_dir: Path, recipe: Recipe, model, tokenizer, staged_adapter: Path,
+                         save_adapter: bool) -> int:
+    """Write the tokenizer (it does not change while training) where the adapter will go, then check that the
+    disk has room for the checkpoints and the adapter, before any training time is spent. Returns the estimated
+    size of one checkpoint."""
+    adapter_weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if not save_adapter and recipe.save_steps <= 0:
+        check_free_space(out_dir, 2**20, "this run's trace and run card")
+        return None
+    with writing_into(out_dir, "the tokenizer of the adapter", partial=staged_adapter):
+        tokenizer.save_pretrained(staged_adapter)
+    tokenizer_bytes = folder_bytes(staged_adapter)
+    if not save_adapter:
+        shutil.rmtree(staged_adapter)
+    # Trainer saves the collator's tokenizer into each checkpoint beside the adapter, the optimizer's two moments
+    # per weight (Adam; 8-bit optimizers keep less) and small state files.
+    checkpoint_bytes = tokenizer_bytes + 3 * adapter_weights + 2**16
+    needed = (adapter_weights if save_adapter else 0) + 2**20  # the trace and the run card
+    if recipe.save_steps > 0:
+        existing = len(list((out_dir / "checkpoints").glob("checkpoint-*")))
+        saves = recipe.max_steps // recipe.save_steps + 1 if recipe.max_steps > 0 else 2**31  # +1: at the end
+        # Trainer writes the new checkpoint before it deletes the oldest beyond its limit
+        needed += max(0, min(saves, SAVE_TOTAL_LIMIT + 1 - existing)) * checkpoint_bytes
+    try:
+        check_free_space(out_dir, needed, "this run's checkpoints and adapter")
+    except OSError:
+        shutil.rmtree(staged_adapter, ignore_errors=True)
+        raise
+    return checkpoint_bytes
+
+
+def _save_adapter(model, staged: Path, final: Path):
+    """Adapter weights beside the tokenizer already staged, then one rename: a full disk or a kill leaves the
+    earlier adapter/ (if any) as it was and never an adapter/ that looks complete but is not."""
+    needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with writing_into(final.parent, "the adapter", needed=needed, intact="the earlier adapter/ (if any)",
+                      partial=staged):
+        model.save_pretrained(staged, safe_serialization=True, save_embedding_layers=False)
+        publish_folder(staged, final)
 
 
 def _step_of(checkpoint) -> int:

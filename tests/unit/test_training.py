@@ -1,4 +1,5 @@
 """The fixed recipe's loss from labelled logits only: same value and gradients as the model's own loss."""
+import json
 import warnings
 
 import pytest
@@ -85,3 +86,46 @@ def test_resume_refuses_checkpoints_of_a_different_recipe(tiny_model_dir, tmp_pa
     run = train(longer, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8, resume=True,
                 save_adapter=False, verbose=False)
     assert run.summary["resumed_from"].endswith("checkpoint-2") and run.summary["global_step"] == 4
+
+
+def test_padding_adds_no_token_and_the_adapter_holds_lora_weights_only(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token  # as the blog sets it, and as many base tokenizers come
+    rows = model.get_input_embeddings().weight.shape[0]
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=2, batch_size=2, save_steps=2)
+    run = train(recipe, model=model, tokenizer=tokenizer, model_id=str(tiny_model_dir), out_dir=tmp_path,
+                report_to="none", max_rows=8, verbose=False)
+    assert run.model.get_input_embeddings().weight.shape[0] == rows
+    for folder in (tmp_path / "adapter", tmp_path / "checkpoints" / "checkpoint-2"):
+        with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
+            keys = list(weights.keys())
+        assert keys and all("lora_" in key for key in keys), [k for k in keys if "lora_" not in k]
+    assert run.summary["adapter_dir"] == "adapter"  # relative to out_dir: no machine path in the run card
+
+
+def test_a_bf16_model_trains_on_labelled_logits(tiny_model_dir, tmp_path, monkeypatch):
+    # On a GPU, precision bf16 loads the model in bf16 and trains under autocast; accelerate hands the model's
+    # outputs back in fp32, so the hidden state met the bf16 head outside autocast ("float != BFloat16").
+    # The CPU runs the same path once effective_precision keeps bf16.
+    monkeypatch.setattr(training, "effective_precision", lambda mode: mode)
+    recipe = fixed_recipe(quantization="none", precision="bf16", max_steps=2, batch_size=2, logging_steps=1)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8,
+                save_adapter=False, verbose=False)
+    assert run.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert run.trainer.args.bf16 and run.trainer.labelled_logits_only  # checked against the model's loss, kept
+    assert run.summary["global_step"] == 2 and all(r.finite for r in run.monitor.records)
+
+
+def test_run_card_records_peak_gpu_memory(tiny_model_dir, tmp_path):
+    run = _tiny_fixed_run(tiny_model_dir, tmp_path)
+    card = json.loads((tmp_path / "run_card.json").read_text())
+    for key in ("peak_gpu_allocated_gib", "peak_gpu_reserved_gib"):
+        assert key in card and key in run.summary
+        if not torch.cuda.is_available():
+            assert card[key] is None
+        else:
+            assert card[key] > 0
