@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import models
+from helpers.models import precision as model_precision
 from helpers.models import ModelLoadError, lora_targets, quantization_config, resolve_precision, resolve_source
 
 
@@ -15,7 +16,7 @@ def test_precision_auto_is_fp32_on_cpu_and_says_so(capsys):
 
 
 def test_precision_auto_picks_bf16_where_the_gpu_has_it(monkeypatch):
-    monkeypatch.setattr(models, "has_bf16", lambda: True)
+    monkeypatch.setattr(model_precision, "has_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
     assert resolve_precision("auto", verbose=False).dtype == torch.bfloat16
 

