@@ -384,12 +384,14 @@ class RunResult:
 def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out_dir: str | Path = "outputs/run",
           revision: str | None = None, report_to: str = "wandb", on_collapse: str = "record",
           max_rows: int | None = None, resume: bool | str = False, model=None, tokenizer=None,
-          save_adapter: bool = True, verbose: bool = True, callbacks: list | None = None) -> RunResult:
+          save_adapter: bool = True, verbose: bool = True, callbacks: list | None = None,
+          attn_implementation: str | None = None) -> RunResult:
     """Train ``recipe`` and keep the evidence under ``out_dir``: trace.jsonl, the adapter, run_card.json.
 
     report_to: ``wandb`` (offline by default) or ``none``. on_collapse: ``record`` or ``stop`` (see
     :class:`helpers.diagnostics.CollapseMonitor`). model/tokenizer: pass an already loaded base model to skip
-    loading. callbacks: more TrainerCallbacks.
+    loading. callbacks: more TrainerCallbacks. attn_implementation: None lets ``load_model`` pick per architecture
+    (sdpa; eager for Gemma-2/3), or ``sdpa``/``eager``/... to choose; it changes speed and memory, not the math.
 
     resume: True continues from the newest valid checkpoint in ``out_dir/checkpoints`` (a newer one that is
     incomplete or damaged is named, moved to ``invalid_checkpoints/`` and skipped); a path resumes from that
@@ -427,13 +429,15 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
         return _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows,
                                        checkpoint, model, tokenizer, save_adapter, verbose, callbacks,
                                        notes={"took_over_lock_of": lock.took_over, "skipped_checkpoints": skipped,
-                                              "earlier_run_moved_to": set_aside, "data_sha256": inputs["data_sha256"]})
+                                              "earlier_run_moved_to": set_aside, "data_sha256": inputs["data_sha256"]},
+                                       attn_implementation=attn_implementation)
     finally:
         lock.release()
 
 
 def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows, checkpoint,
-                            model, tokenizer, save_adapter, verbose, callbacks, notes) -> RunResult:
+                            model, tokenizer, save_adapter, verbose, callbacks, notes,
+                            attn_implementation=None) -> RunResult:
     from helpers import data as data_mod
     from helpers.diagnostics import CollapseMonitor
     from helpers.models import device_description, load_model
@@ -448,7 +452,8 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
             print("fp16 emulation: gradient checkpointing off (same math, no recompute outside the emulation)")
     if model is None:
         model, tokenizer = load_model(model_id, revision=revision, quantization=recipe.quantization,
-                                      precision=_load_precision(recipe, precision), verbose=verbose)
+                                      precision=_load_precision(recipe, precision),
+                                      attn_implementation=attn_implementation, verbose=verbose)
     data_mod.prepare_tokenizer(tokenizer, recipe.labels)
     _check_pad_fits(model, tokenizer)
     dataset, data_report = data_mod.load_instructions(data, tokenizer=tokenizer, max_length=recipe.max_length,
@@ -488,6 +493,7 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
         "recipe": asdict(recipe), "precision": precision, "model_id": model_id, "revision": revision,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "data": data, "data_sha256": notes.pop("data_sha256"), "data_report": data_report.counts(),
         "train_rows": len(dataset["train"]), "eval_rows": len(dataset["eval"]),
         "global_step": trainer.state.global_step, "wall_seconds": round(wall, 1),

@@ -129,3 +129,13 @@ def test_run_card_records_peak_gpu_memory(tiny_model_dir, tmp_path):
             assert card[key] is None
         else:
             assert card[key] > 0
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "eager"), ("sdpa", "sdpa")])
+def test_train_passes_the_attention_choice_to_the_loader(tiny_model_dir, tmp_path, asked, expected):
+    # Notebooks 02/03 take attn_implementation; None lets the loader pick per architecture (eager for Gemma-3).
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=1, batch_size=2)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=4,
+                save_adapter=False, verbose=False, attn_implementation=asked)
+    assert run.summary["attn_implementation"] == expected
+    assert json.loads((tmp_path / "run_card.json").read_text())["attn_implementation"] == expected
