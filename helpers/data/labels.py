@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import warnings
 
-from helpers.data.prompts import _text_body, _uses_chat_template, conversation_segments, format_answer, format_prompt, \
-    full_text
+from helpers.data.prompts import (
+    _text_body,
+    _uses_chat_template,
+    conversation_segments,
+    format_answer,
+    format_prompt,
+    full_text,
+)
 from helpers.data.validation import row_shape
 
 LABEL_RECIPES = ("seed", "fixed")
