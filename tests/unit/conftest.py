@@ -1,4 +1,5 @@
 import copy
+import inspect
 
 import pytest
 import torch
@@ -33,3 +34,28 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
     model.save_pretrained(folder)
     embedded_tokenizer.save_pretrained(folder)
     return folder
+
+
+# Tests that load a model or a tokenizer, or start a Python process that does (seconds each on a CPU), are marked
+# slow, so `pytest -m "not slow"` is the fast loop; `make test` runs everything.
+MODEL_FIXTURES = {"embedded_tokenizer", "tokenizer", "tiny_model_dir"}
+MODEL_CALLS = ("subprocess", "_check(", "load_model(", "load_tokenizer(", "embedded_model_path(", "from_pretrained(")
+
+
+def _sources(item):
+    """The test function's source and that of every fixture it uses (pytest's fixture info, stable since 3.x)."""
+    functions = [item.function] if hasattr(item, "function") else []
+    for definitions in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+        functions += [definition.func for definition in definitions]
+    for function in functions:
+        try:
+            yield inspect.getsource(function)
+        except (OSError, TypeError):  # built-in fixtures of pytest itself
+            continue
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                any(call in source for source in _sources(item) for call in MODEL_CALLS):
+            item.add_marker(pytest.mark.slow)
