@@ -186,7 +186,11 @@ def folder_bytes(folder: str | Path) -> int:
 
 
 def megabytes(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    """A size for a message: MiB, or KiB / GiB where MiB would read 0.0 or run to many digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
 
 
 def free_bytes(folder: str | Path) -> int:

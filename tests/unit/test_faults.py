@@ -236,8 +236,8 @@ def test_a_full_disk_at_a_checkpoint_leaves_the_earlier_one_and_says_what_is_nee
     with _small_disk(tmp_path / "disk", 200) as disk:
         out = disk / "run"
         with pytest.raises(OSError, match=r"^no space left in \S+run/checkpoints while writing checkpoint-4 \(about "
-                                          r"[\d.]+ MiB needed, [\d.]+ MiB free\); every earlier checkpoint is intact; "
-                                          r"free some space or choose another out_dir"):
+                                          r"[\d.,]+ [KMG]iB needed, [\d.,]+ [KMG]iB free\); every earlier checkpoint is "
+                                          r"intact; free some space or choose another out_dir"):
             _train(tiny_model_dir, data, out, max_steps=6, callbacks=[_AtStep(4, lambda: _fill(disk))])
         assert _checkpoints(out) == ["checkpoint-2"] and checkpoint_problem(out / "checkpoints" / "checkpoint-2") \
             is None
@@ -252,8 +252,8 @@ def test_a_disk_too_small_for_the_run_stops_it_before_training(tiny_model_dir, t
     with _small_disk(tmp_path / "disk", 60) as disk:  # room for the tokenizer, not for three checkpoints beside it
         out = disk / "run"
         with pytest.raises(OSError, match=r"^not enough free space in \S+run for this run's checkpoints and adapter: "
-                                          r"about [\d.]+ MiB needed, [\d.]+ MiB free; free some space or choose "
-                                          r"another out_dir$"):
+                                          r"about [\d.,]+ [KMG]iB needed, [\d.,]+ [KMG]iB free; free some space or "
+                                          r"choose another out_dir$"):
             _train(tiny_model_dir, data, out, max_steps=6, save_adapter=True)
         assert not (out / "checkpoints").exists() and not (out / "adapter.partial").exists()
         assert not (out / "trace.jsonl").exists() or not _steps(out)  # no training time spent
@@ -265,8 +265,8 @@ def test_a_full_disk_at_the_final_save_leaves_the_earlier_adapter_whole(tiny_mod
         out = disk / "run"
         _train(tiny_model_dir, data, out, max_steps=2, save_adapter=True)
         before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
-        with pytest.raises(OSError, match=r"^no space left in \S+run while writing the adapter \(about [\d.]+ MiB "
-                                          r"needed, [\d.]+ MiB free\); the earlier adapter/ \(if any\) is intact"):
+        with pytest.raises(OSError, match=r"^no space left in \S+run while writing the adapter \(about [\d.,]+ [KMG]iB "
+                                          r"needed, [\d.,]+ [KMG]iB free\); the earlier adapter/ \(if any\) is intact"):
             _train(tiny_model_dir, data, out, max_steps=3, save_steps=0, save_adapter=True, resume=True,
                    callbacks=[_AtStep(3, lambda: _fill(disk))])  # no checkpoint at the end: the adapter meets it
         assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before
