@@ -2,6 +2,7 @@
 and statistics of the labels and lengths of encoded data."""
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 from helpers.data.prompts import (
@@ -108,9 +109,22 @@ def _encode_segments(segments, tokenizer, template) -> tuple[list[int], list[int
 
 def tokenize_dataset(dataset, tokenizer, recipe: str, template: str = "koalpaca", max_length: int = 512):
     """Apply :func:`encode_example` to every split of a DatasetDict (or one Dataset)."""
-    columns = dataset["train"].column_names if hasattr(dataset, "keys") else dataset.column_names
+    if hasattr(dataset, "keys"):
+        return type(dataset)({split: tokenize_dataset(part, tokenizer, recipe, template, max_length)
+                              for split, part in dataset.items()})
     return dataset.map(lambda row: encode_example(row, tokenizer, recipe, template, max_length),
-                       remove_columns=columns, desc=f"tokenizing ({recipe})")
+                       remove_columns=dataset.column_names, desc=f"tokenizing ({recipe})",
+                       new_fingerprint=_encoding_fingerprint(dataset, tokenizer, recipe, template, max_length))
+
+
+def _encoding_fingerprint(dataset, tokenizer, recipe, template, max_length) -> str:
+    # datasets would otherwise pickle the whole tokenizer to name the result (about 20 s for a 262k vocabulary on
+    # a CPU, most of a short run); everything the encoding depends on, hashed directly, takes milliseconds.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [dataset._fingerprint, recipe, template, str(max_length), backend.to_str() if backend else repr(tokenizer),
+             str((tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)),
+             str(getattr(tokenizer, "chat_template", None))]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def make_collator(tokenizer, recipe: str):
