@@ -7,6 +7,8 @@ merged model's logit error (against the adapter in fp32) is judged against the u
 from __future__ import annotations
 
 import gc
+import shutil
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -15,6 +17,7 @@ from transformers import AutoTokenizer
 from helpers.data import format_prompt
 from helpers.evaluation import ask, padding_tokenizer
 from helpers.models import load_model
+from helpers.outputs import publish_folder, restore_replaced, writing_into
 
 
 def load_adapter(base, adapter_dir, is_trainable: bool = False):
@@ -74,3 +77,18 @@ def merge_check(model_id: str, adapter_dir, rows: list[dict], revision: str | No
         "unmerged_tokens_per_s": speed_unmerged["tokens_per_s"], "merged_tokens_per_s": speed_merged["tokens_per_s"],
     }
     return report, merged, tokenizer
+
+
+def save_merged(model, tokenizer, folder) -> Path:
+    """Write a merged model and its tokenizer to ``folder`` whole or not at all: into ``<folder>.partial`` first,
+    renamed when complete, so an interrupted export never leaves a folder that looks usable (an earlier export
+    there stays until the new one is complete)."""
+    folder = Path(folder)
+    restore_replaced(folder)
+    staged = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    with writing_into(folder.parent, "the merged model", intact=f"the earlier {folder.name}/ (if any)",
+                      partial=staged):
+        model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+    return publish_folder(staged, folder)
