@@ -45,7 +45,8 @@ MODEL_CALLS = ("subprocess", "_check(", "load_model(", "load_tokenizer(", "embed
 def _sources(item):
     """The test function's source and that of every fixture it uses (pytest's fixture info, stable since 3.x)."""
     functions = [item.function] if hasattr(item, "function") else []
-    for definitions in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+    fixture_info = getattr(item, "_fixtureinfo", None)  # absent on items of other plugins (nbval's cells)
+    for definitions in (fixture_info.name2fixturedefs.values() if fixture_info else ()):
         functions += [definition.func for definition in definitions]
     for function in functions:
         try:
