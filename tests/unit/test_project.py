@@ -104,3 +104,12 @@ def test_notebooks_have_cell_ids_and_pass_the_commit_filter_unchanged(path):
                               capture_output=True, text=True, check=True).stdout
     assert stripped == path.read_text(encoding="utf-8")
     assert "*.ipynb filter=nbstripout" in (ROOT / ".gitattributes").read_text()
+
+
+def test_every_summary_records_peak_gpu_memory(tmp_path):
+    from helpers.outputs import write_summary
+
+    summary = json.loads(write_summary(tmp_path, {"notebook": "x"}).read_text(encoding="utf-8"))
+    assert {"peak_gpu_allocated_gib", "peak_gpu_reserved_gib"} <= set(summary)
+    kept = json.loads(write_summary(tmp_path, {"peak_gpu_allocated_gib": 1.5}).read_text(encoding="utf-8"))
+    assert kept["peak_gpu_allocated_gib"] == 1.5  # a run's own figure is not replaced
