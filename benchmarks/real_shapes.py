@@ -135,29 +135,22 @@ def evaluate(folder: Path, adapter: Path) -> dict:
     from helpers.data import load_instructions
     from helpers.evaluation import answer_perplexity, ask
     from helpers.models import load_model
+    from helpers.outputs import peak_gpu_memory
 
     rows = list(load_instructions("shipped", verbose=False)[0]["eval"])[:8]
-    _reset_peak()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     base, tokenizer = load_model(str(folder), quantization="4bit", verbose=False)
     model, _ = load_adapter(base, adapter)
     model.eval()
     answer = ask(model, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=32, do_sample=False)
     perplexity = answer_perplexity(model, tokenizer, rows)
-    peak_4bit = _peak_gib()
+    peak_4bit = peak_gpu_memory()["peak_gpu_allocated_gib"]
     del model, base
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     report, _, _ = merge_check(str(folder), adapter, rows[:4])
     return {"reload_4bit_tokens_per_s": answer["tokens_per_s"], "answer_perplexity_random_weights": perplexity,
             "reload_4bit_peak_gib": peak_4bit, "merge": report}
-
-
-def _reset_peak():
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib():
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 STEPS = ("build", "blog", "fixed", "eval")

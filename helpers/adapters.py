@@ -24,9 +24,12 @@ def load_adapter(base, adapter_dir, is_trainable: bool = False):
     """``(peft_model, tokenizer)``: the adapter in ``adapter_dir`` on ``base``, with the tokenizer saved beside it
     (the one it was trained with; an adapter folder holds no model, so it is read directly, never running code).
     A tokenizer without a pad gets its EOS as pad: batches are masked by position."""
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
-    tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
-    return model, tokenizer
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable), adapter_tokenizer(adapter_dir)
+
+
+def adapter_tokenizer(adapter_dir):
+    """The tokenizer saved beside an adapter, with its EOS as pad when it has none."""
+    return padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
 
 
 def _adapter_logits(model_id, revision, adapter_dir, precision, probe, merge=False):
@@ -50,7 +53,7 @@ def merge_check(model_id: str, adapter_dir, rows: list[dict], revision: str | No
     and the unmerged bf16 models against the adapter in fp32, their top-1 agreement, generation speed of both, and
     ``within_tolerance``: merged mean error <= ``tolerance`` x unmerged mean error.
     """
-    tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False))
+    tokenizer = adapter_tokenizer(adapter_dir)
     probe = tokenizer([format_prompt(r["instruction"], r.get("context", "")) for r in rows], return_tensors="pt",
                       padding=True)
     mask = probe["attention_mask"].bool()
