@@ -14,9 +14,11 @@ import json
 import torch
 
 from helpers import data as lab_data
-from helpers.models import device_description, load_tokenizer
+from helpers.models import load_tokenizer
 from helpers.outputs import output_dir, package_versions
-from helpers.training import fixed_recipe, train
+from helpers.precision import device_description
+from helpers.recipes import fixed_recipe
+from helpers.training import train
 
 
 def padded_tokens_per_epoch(recipe, model_id: str, scratch_dir) -> dict:

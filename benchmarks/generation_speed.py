@@ -134,7 +134,7 @@ def timed(method, model, tokenizer, texts, new_tokens, repeats):
 def measure_one(method: str, shape: str, model_id: str, batches: list[int], new_tokens: int, repeats: int,
                 weights: str) -> list[dict]:
     """One method in this process: a row per batch size, with the plain answers kept to compare against."""
-    from helpers.models import device_description
+    from helpers.precision import device_description
     from helpers.outputs import package_versions
 
     torch.manual_seed(0)  # the fresh adapter is the same in every process

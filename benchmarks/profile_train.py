@@ -17,9 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
-from helpers.models import device_description
 from helpers.outputs import package_versions
-from helpers.training import fixed_recipe, train
+from helpers.precision import device_description
+from helpers.recipes import fixed_recipe
+from helpers.training import train
 
 FIRST_PROFILED_STEP, PROFILED_STEPS = 10, 5
 

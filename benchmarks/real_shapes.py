@@ -104,7 +104,8 @@ def build(shape: str, folder: Path) -> dict:
 
 
 def run_recipe(which: str, folder: Path, out_dir: Path, steps: int) -> dict:
-    from helpers.training import blog_recipe, fixed_recipe, train
+    from helpers.recipes import blog_recipe, fixed_recipe
+    from helpers.training import train
 
     if which == "blog":  # notebook 02's defaults: fp16 (real on a GPU), 4-bit, batch 2, lr 1e-4, blog labels
         recipe = blog_recipe(max_steps=steps, logging_steps=5)
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_all(args.shape, args.work, args.out, args.steps, args.parts.split(",")), indent=1,
                          default=str))
         return 0
-    from helpers.models import device_description
+    from helpers.precision import device_description
     from helpers.outputs import package_versions
 
     if args.step == "build":

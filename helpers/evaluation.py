@@ -75,14 +75,14 @@ def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_
     """exp(mean loss over answer tokens and the EOS), prompt tokens excluded: how well the model predicts the
     reference answers and where they end.
 
-    Vocabulary logits are computed only at answer positions (helpers.training.labelled_logits_loss: 40% less time
+    Vocabulary logits are computed only at answer positions (helpers.losses.labelled_logits_loss: 40% less time
     on the embedded model, where the 262k-entry output layer is most of the work); the first batch is also scored
     through the model's own logits, and a mismatch falls back to those with a warning.
     """
     import warnings
 
     from helpers.data import encode_example, make_collator
-    from helpers.training import labelled_logits_loss
+    from helpers.losses import labelled_logits_loss
 
     model.eval()
     tokenizer = padding_tokenizer(tokenizer)

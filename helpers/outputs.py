@@ -1,8 +1,8 @@
 """Where runs write (only under ``outputs/``), what they record about the environment, and summary.json.
 
 Also how they write there without losing anything: files and folders appear whole or not at all
-(:func:`atomic_write_text`, :func:`publish_folder`), one run at a time holds a folder (:class:`RunLock`), and a
-full disk or an unwritable folder ends a run with one message that names the folder (:func:`explain_write_error`).
+(:func:`atomic_write_text`, :func:`publish_folder`), and a full disk or an unwritable folder ends a run with one
+message that names the folder (:func:`explain_write_error`). One run at a time per folder: :mod:`helpers.run_lock`.
 """
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ import math
 import os
 import platform
 import shutil
-import socket
-import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs there go without the folder lock
-    fcntl = None
 
 PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "papermill", "wandb",
             "kiwipiepy", "matplotlib"]
@@ -53,9 +46,10 @@ def package_versions() -> dict:
 
 def environment() -> dict:
     """Package versions and the device, for the first cell of every notebook and for run cards."""
+    # torch is slow to import: imported here so that `import helpers.outputs` (the notebook runner) stays fast
     import torch
 
-    from helpers.models import device_description
+    from helpers.precision import device_description
 
     return {**package_versions(), "device": device_description(), "cuda": torch.version.cuda}
 
@@ -84,7 +78,7 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
 def peak_gpu_memory() -> dict:
     """Peak GPU memory since the last ``torch.cuda.reset_peak_memory_stats()`` (train() resets it when it starts),
     in GiB: allocated by tensors, and reserved by PyTorch's caching allocator (what nvidia-smi shows). None on CPU."""
-    import torch
+    import torch  # slow to import; see environment()
 
     if not torch.cuda.is_available():
         return {"peak_gpu_allocated_gib": None, "peak_gpu_reserved_gib": None}
@@ -255,86 +249,3 @@ def check_free_space(folder: str | Path, needed: int, what: str):
         raise OutputFolderError(f"not enough free space in {shown_path(folder)} for {what}: about "
                                 f"{megabytes(needed)} needed, {megabytes(free)} free; free some space or choose "
                                 "another out_dir")
-
-
-# --------------------------------------------------------------------------------------------- one run per folder
-
-LOCK_NAME = "run.lock"
-
-
-class OutputFolderBusy(RuntimeError):
-    """Another run is writing the same output folder."""
-
-
-class RunLock:
-    """An exclusive lock on a run's output folder, held while the run writes there.
-
-    ``fcntl.flock`` on ``out_dir/run.lock``: the kernel releases it when its process ends in any way, so the lock
-    of a killed run (the file is left behind, nothing holds it) is taken over; ``took_over`` then describes that
-    run. The file records pid, host and start time, for the message a second run gets.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
-        self.took_over: dict | None = None
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        if fcntl is None:
-            return self
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                holder = self._holder()
-                raise OutputFolderBusy(
-                    f"{shown_path(self.folder)} is in use by another training run ({describe_holder(holder)}); "
-                    "wait for it to end or choose another out_dir") from None
-            # A run releasing its lock deletes the file: if this one was deleted meanwhile, lock the new one.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd = fd
-        earlier = self._holder()
-        if earlier:
-            self.took_over = earlier
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(mine).encode(), 0)
-        os.fsync(fd)
-        return self
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text() or "null")
-        except (OSError, ValueError):
-            return None
-
-    def release(self):
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still held, so no other run locks the file being deleted
-        except OSError:
-            pass
-        os.close(self._fd)  # closing releases the flock
-        self._fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def describe_holder(holder: dict | None) -> str:
-    if not holder:
-        return "pid unknown"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"

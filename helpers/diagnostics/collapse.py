@@ -88,7 +88,7 @@ def detect_collapse(records: list[StepRecord], streak: int = 10, scale_floor: fl
 class CollapseMonitor(TrainerCallback):
     """Trainer callback that traces every optimizer step and detects the collapse.
 
-    Use with :class:`helpers.training.LabTrainer` (which hands it the raw loss before the logging filter).
+    Use with :class:`helpers.trainer.LabTrainer` (which hands it the raw loss before the logging filter).
     on_collapse: ``"record"`` keeps training and records; ``"stop"`` ends the run once the collapse is certain
     (see :meth:`collapse_is_certain`), puts back the adapter weights of the last step with a finite loss, and saves them to ``out_dir/last_good``.
     """

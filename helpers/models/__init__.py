@@ -6,7 +6,7 @@ folder's own Python files are never run (transformers would otherwise ask "run t
 bitsandbytes config from plain parameters.
 
 errors       ModelLoadError
-precision    resolve_precision, has_bf16, device_description, quantization_config
+quantization quantization_config (precision and the device: helpers.precision)
 embedded     the embedded model's converted cache (embedded_model_path) and convert_gguf
 sources      resolve_source: embedded, folder, .gguf file or hub id; hub errors
 custom_code  the refusal of models that need their own Python code
@@ -24,21 +24,12 @@ from helpers.models.embedded import (
 from helpers.models.errors import ModelLoadError
 from helpers.models.loading import ATTENTION_IMPLEMENTATIONS, attention_implementation, load_model, load_tokenizer
 from helpers.models.lora import ATTENTION_TARGETS, MLP_TARGETS, all_linear_names, attention_projections, lora_targets
-from helpers.models.precision import (
-    PRECISIONS,
-    QUANTIZATIONS,
-    Precision,
-    device_description,
-    has_bf16,
-    quantization_config,
-    resolve_precision,
-)
+from helpers.models.quantization import QUANTIZATIONS, quantization_config
 from helpers.models.sources import resolve_source
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS", "ATTENTION_TARGETS", "CONVERSION_MARKER", "DEFAULT_CACHE_DIR", "EMBEDDED_FOLDER_NAME",
-    "EMBEDDED_MODEL", "MLP_TARGETS", "PRECISIONS", "QUANTIZATIONS", "ModelLoadError", "Precision", "all_linear_names",
-    "attention_implementation", "attention_projections", "convert_gguf", "device_description", "embedded_model_path",
-    "has_bf16", "lora_targets", "load_model", "load_tokenizer", "quantization_config", "resolve_precision",
-    "resolve_source",
+    "EMBEDDED_MODEL", "MLP_TARGETS", "QUANTIZATIONS", "ModelLoadError", "all_linear_names", "attention_implementation",
+    "attention_projections", "convert_gguf", "embedded_model_path", "lora_targets", "load_model", "load_tokenizer",
+    "quantization_config", "resolve_source",
 ]

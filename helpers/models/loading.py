@@ -9,8 +9,9 @@ import torch
 from helpers.models.custom_code import _check_custom_code, _custom_code_error
 from helpers.models.embedded import EMBEDDED_MODEL
 from helpers.models.errors import ModelLoadError
-from helpers.models.precision import quantization_config, resolve_precision
+from helpers.models.quantization import quantization_config
 from helpers.models.sources import _check_hub, _hub_error, resolve_source
+from helpers.precision import resolve_precision
 
 # Attention implementation per model_type where transformers' default (sdpa) is not what training wants; every
 # other architecture gets transformers' default. Gemma-3: Google's fine-tuning guides and transformers 4.50-4.5x

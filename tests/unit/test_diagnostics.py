@@ -6,7 +6,8 @@ import torch
 
 from helpers.diagnostics import HeadroomProbe, StepRecord, detect_collapse, read_trace, replay_batch, rng_state
 from helpers.fp16_emulation import FP16_MAX, fp16_range
-from helpers.training import blog_recipe, train
+from helpers.recipes import blog_recipe
+from helpers.training import train
 
 
 def _rows(tmp_path, n=40):

@@ -45,7 +45,7 @@ def test_answer_perplexity_scores_answers_only_and_falls_as_the_model_fits(tiny_
 
 
 def test_answer_perplexity_labelled_positions_match_full_logits_and_fall_back(tiny_model_dir, monkeypatch):
-    from helpers import training
+    from helpers import losses
     from helpers.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir), verbose=False)
@@ -53,7 +53,7 @@ def test_answer_perplexity_labelled_positions_match_full_logits_and_fall_back(ti
             {"instruction": "조금 더 긴 두 번째 질문입니다", "context": "참고 문장", "output": "이것은 더 긴 답변입니다"}]
     labelled = answer_perplexity(model, tokenizer, rows, batch_size=1)
     # A loss that disagrees with the model's own must be caught on the first batch and not used.
-    monkeypatch.setattr(training, "labelled_logits_loss", lambda *a, **k: torch.tensor(123.0))
+    monkeypatch.setattr(losses, "labelled_logits_loss", lambda *a, **k: torch.tensor(123.0))
     with pytest.warns(UserWarning, match="differs from the model's"):
         fallback = answer_perplexity(model, tokenizer, rows, batch_size=1)
     assert fallback == pytest.approx(labelled, rel=1e-5)

@@ -13,8 +13,10 @@ from contextlib import contextmanager
 import pytest
 from transformers import TrainerCallback
 
+from helpers.checkpoints import checkpoint_problem
 from helpers.diagnostics import read_trace
-from helpers.training import blog_recipe, checkpoint_problem, train
+from helpers.recipes import blog_recipe
+from helpers.training import train
 
 RECIPE = dict(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, logging_steps=100,
               optimizer="adamw_torch", gradient_checkpointing=False)
@@ -24,7 +26,8 @@ RECIPE = dict(quantization="none", precision="fp32", labels="fixed", learning_ra
 KILLED_WHILE_SAVING = textwrap.dedent("""
     import io, os, signal, sys
     import torch
-    from helpers.training import blog_recipe, train
+    from helpers.recipes import blog_recipe
+    from helpers.training import train
 
     real_save, optimizer_saves = torch.save, []
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from helpers import models
-from helpers.models import precision as model_precision
-from helpers.models import ModelLoadError, lora_targets, quantization_config, resolve_precision, resolve_source
+from helpers import precision as lab_precision
+from helpers.models import ModelLoadError, lora_targets, quantization_config, resolve_source
+from helpers.precision import resolve_precision
 
 
 def test_precision_auto_is_fp32_on_cpu_and_says_so(capsys):
@@ -16,7 +17,7 @@ def test_precision_auto_is_fp32_on_cpu_and_says_so(capsys):
 
 
 def test_precision_auto_picks_bf16_where_the_gpu_has_it(monkeypatch):
-    monkeypatch.setattr(model_precision, "has_bf16", lambda: True)
+    monkeypatch.setattr(lab_precision, "has_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
     assert resolve_precision("auto", verbose=False).dtype == torch.bfloat16
 

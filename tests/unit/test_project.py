@@ -50,7 +50,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_bad_training_parameters_fail_with_one_clear_error():
-    from helpers.training import blog_recipe, train
+    from helpers.recipes import blog_recipe
+    from helpers.training import train
 
     with pytest.raises(ValueError, match="max_steps must be > 0"):
         blog_recipe(max_steps=0)

@@ -13,7 +13,8 @@ from helpers.diagnostics import read_trace
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from helpers.training import blog_recipe, train
+    from helpers.recipes import blog_recipe
+    from helpers.training import train
     recipe = blog_recipe(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, max_steps=40,
                          save_steps=16, logging_steps=4, optimizer="adamw_torch", gradient_checkpointing=False,
                          group_by_length=True, labelled_logits_only=True)  # as notebook 03's fixed recipe

@@ -1,14 +1,26 @@
 """The fixed recipe's loss from labelled logits only: same value and gradients as the model's own loss."""
+import functools
 import json
 import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 
 from helpers import data as lab_data
+from helpers import trainer as lab_trainer
 from helpers import training
-from helpers.training import fixed_recipe, labelled_logits_loss, train
+from helpers.losses import labelled_logits_loss
+from helpers.precision import plan_precision
+from helpers.recipes import fixed_recipe
+from helpers.trainer import LabTrainer
+from helpers.training import train
+
+
+def test_lab_trainer_is_a_trainer_defined_at_module_level():
+    # Importable by name: a class built inside a function cannot be imported, subclassed or pickled.
+    assert issubclass(LabTrainer, Trainer)
+    assert LabTrainer.__module__ == "helpers.trainer" and LabTrainer.__qualname__ == "LabTrainer"
 
 
 def _batch(tokenizer):
@@ -53,8 +65,8 @@ def test_fixed_recipe_trains_on_labelled_logits_after_checking_them(tiny_model_d
 
 def test_eval_loss_from_labelled_logits_equals_trainers_own(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
-    real = training.labelled_logits_loss
-    monkeypatch.setattr(training, "labelled_logits_loss", lambda model, *a, **k: calls.append(model.training)
+    real = lab_trainer.labelled_logits_loss
+    monkeypatch.setattr(lab_trainer, "labelled_logits_loss", lambda model, *a, **k: calls.append(model.training)
                         or real(model, *a, **k))
     run = _tiny_fixed_run(tiny_model_dir, tmp_path, eval_steps=2)
     assert False in calls  # the eval at step 2 went through labelled logits too
@@ -64,8 +76,8 @@ def test_eval_loss_from_labelled_logits_equals_trainers_own(tiny_model_dir, tmp_
 
 
 def test_a_mismatching_labelled_loss_falls_back_to_the_models_loss(tiny_model_dir, tmp_path, monkeypatch):
-    real = training.labelled_logits_loss
-    monkeypatch.setattr(training, "labelled_logits_loss", lambda *a, **k: real(*a, **k) + 1.0)
+    real = lab_trainer.labelled_logits_loss
+    monkeypatch.setattr(lab_trainer, "labelled_logits_loss", lambda *a, **k: real(*a, **k) + 1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = _tiny_fixed_run(tiny_model_dir, tmp_path)
@@ -110,8 +122,8 @@ def test_padding_adds_no_token_and_the_adapter_holds_lora_weights_only(tiny_mode
 def test_a_bf16_model_trains_on_labelled_logits(tiny_model_dir, tmp_path, monkeypatch):
     # On a GPU, precision bf16 loads the model in bf16 and trains under autocast; accelerate hands the model's
     # outputs back in fp32, so the hidden state met the bf16 head outside autocast ("float != BFloat16").
-    # The CPU runs the same path once effective_precision keeps bf16.
-    monkeypatch.setattr(training, "effective_precision", lambda mode: mode)
+    # The CPU runs the same path when train() gets the precision plan of a GPU that has bf16.
+    monkeypatch.setattr(training, "plan_precision", functools.partial(plan_precision, gpu=True, gpu_has_bf16=True))
     recipe = fixed_recipe(quantization="none", precision="bf16", max_steps=2, batch_size=2, logging_steps=1)
     run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8,
                 save_adapter=False, verbose=False)

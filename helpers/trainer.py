@@ -1,0 +1,230 @@
+"""LabTrainer, the Trainer every run of the lab uses, and the TrainingArguments a recipe gives it.
+
+LabTrainer hands each raw step loss to the collapse monitor, can emulate fp16 autocast on a CPU, computes the loss
+from labelled logits only when asked, and writes checkpoints whole or not at all. It overrides private methods of
+transformers' Trainer; each override says which Trainer behaviour (transformers 5.23) it relies on, so an upgrade
+of transformers is a known risk.
+
+This module imports transformers (seconds) when it is imported. It used to build LabTrainer inside a function so
+that ``import helpers.training`` did not; that saved nothing a training run needs, and what only describes a run
+(``helpers.recipes``, ``helpers.precision``) stays free of transformers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from helpers.checkpoints import SAVE_TOTAL_LIMIT, STAGING_NAME, write_completion_marker
+from helpers.diagnostics import rng_state
+from helpers.fp16_emulation import DynamicLossScale, fp16_range
+from helpers.losses import labelled_logits_loss
+from helpers.outputs import folder_bytes, publish_folder, writing_into
+from helpers.precision import PrecisionPlan
+from helpers.recipes import Recipe
+
+
+def training_arguments(recipe: Recipe, output_dir: str | Path, precision: PrecisionPlan, report_to: str = "none",
+                       run_name: str | None = None) -> TrainingArguments:
+    """The Trainer's arguments for ``recipe``, with the fp16/bf16 switches of its precision plan."""
+    has_eval = recipe.eval_steps > 0
+    return TrainingArguments(
+        output_dir=str(output_dir), run_name=run_name or recipe.name,
+        per_device_train_batch_size=recipe.batch_size, per_device_eval_batch_size=max(recipe.batch_size, 4),
+        gradient_accumulation_steps=recipe.gradient_accumulation, learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler, warmup_steps=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm, optim=recipe.optimizer,
+        max_steps=recipe.max_steps if recipe.max_steps > 0 else -1, num_train_epochs=recipe.epochs or 1,
+        fp16=precision.trainer_fp16, bf16=precision.trainer_bf16,
+        logging_steps=recipe.logging_steps, logging_first_step=False,
+        eval_strategy="steps" if has_eval else "no", eval_steps=recipe.eval_steps if has_eval else None,
+        save_strategy="steps" if recipe.save_steps > 0 else "no", save_steps=recipe.save_steps or 500,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
+        gradient_checkpointing=False,  # already enabled by prepare_lora, in the blog's order
+        seed=recipe.seed, data_seed=recipe.seed, report_to=report_to, disable_tqdm=False,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        prediction_loss_only=True,  # the eval loss is all we use; otherwise Trainer keeps every eval logit (262k wide)
+    )
+
+
+class LabTrainer(Trainer):
+    """Trainer that hands each raw step loss to a monitor and can emulate fp16 autocast on CPU.
+
+    ``emulate_fp16=True`` runs the forward under :func:`helpers.fp16_emulation.fp16_range`, backpropagates
+    ``loss * scale`` and skips the optimizer step (and so the LR scheduler step, as Trainer does for a
+    GradScaler skip) when the gradients overflow, exactly where a real fp16 run would.
+    """
+
+    def __init__(self, *args, monitor=None, emulate_fp16=False, labelled_logits_only=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.labelled_logits_only = labelled_logits_only
+        self._labelled_logits_checked = False
+        self.monitor = monitor.attach(self) if monitor is not None else None
+        self.loss_scaler = DynamicLossScale() if emulate_fp16 else None
+        self.first_nonfinite_batch = None
+        self._unscaled = False
+        self._staging_root = None   # set while a checkpoint is written (see _save_checkpoint)
+        self.checkpoint_bytes = None  # size of a checkpoint, estimated, then measured on the first one
+
+    def loss_scale(self):
+        if self.loss_scaler is not None:
+            return self.loss_scaler.scale
+        # Relies on accelerate keeping the GradScaler of an fp16 run in Accelerator.scaler (None otherwise).
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None else None
+
+    def _use_labelled_logits(self, model, inputs, num_items_in_batch) -> bool:
+        """Only for training steps; on the first one, check it against the model's own loss (an architecture
+        that transforms its logits in other ways would differ) and fall back with a warning if it does not."""
+        if not (self.labelled_logits_only and model.training and "labels" in inputs):
+            return False
+        if not self._labelled_logits_checked:
+            self._labelled_logits_checked = True
+            # Same mode and same random state for both (dropout masks alike), then the RNG is restored so that
+            # the check does not change the run it checks. No eval(): on CPUs with AVX512-BF16, bitsandbytes'
+            # 4-bit layers repack their weights for another kernel on their first eval-mode forward and keep
+            # that layout, which moved this model's loss by ~0.1%.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+                ours = float(labelled_logits_loss(model, inputs, num_items_in_batch))
+                torch.set_rng_state(state[0])
+                for device, cuda_state in zip(devices, state[1]):
+                    torch.cuda.set_rng_state(cuda_state, device)
+                theirs = float(super().compute_loss(model, dict(inputs), False, num_items_in_batch))
+            if not abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)):
+                warnings.warn(f"labelled_logits_only: loss {ours:.5f} differs from the model's {theirs:.5f} "
+                              "on this architecture; using the model's own loss")
+                self.labelled_logits_only = False
+        return self.labelled_logits_only
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):
+        # Relies on Trainer.model_accepts_loss_kwargs: Trainer hands num_items_in_batch to the model only when the
+        # model takes it; do the same.
+        num_items_in_batch = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        if not return_outputs and self._use_labelled_logits(model, inputs, num_items_in_batch):
+            return labelled_logits_loss(model, inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Relies on Trainer's evaluation loop taking each batch's (loss, logits, labels) from prediction_step.
+        if not (prediction_loss_only and self.labelled_logits_only and self._labelled_logits_checked
+                and "labels" in inputs):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with torch.no_grad():
+            loss = labelled_logits_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Relies on Trainer.training_step backpropagating what compute_loss returns (here the scaled loss).
+        if self.loss_scaler is None or not model.training:
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
+        with fp16_range():  # forward only: the backward stays in fp32 (see helpers.fp16_emulation)
+            result = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        scaled = loss * self.loss_scaler.scale
+        return (scaled, result[1]) if return_outputs else scaled
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Relies on Trainer's inner loop calling training_step once per micro-batch, before the optimizer step, and
+        # logging the loss it returns (here unscaled) through logging_nan_inf_filter.
+        self._unscaled = False
+        # Until a loss turns non-finite, keep what a replay needs to meet this forward again: the batch and the
+        # random state its dropout draws from. The weights it met are still in the model when its loss comes
+        # back (the optimizer steps after training_step), so they are copied only then; the run's last
+        # weights would not do, as steps after the first non-finite loss may still move them.
+        kept = None
+        if self.first_nonfinite_batch is None:
+            kept = {"batch": {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+                    "rng_state": rng_state()}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_scaler is not None:
+            loss = loss / self.loss_scaler.scale
+        if kept is not None and not torch.isfinite(loss):
+            weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.first_nonfinite_batch = {"step": self.state.global_step + 1, "weights": weights, **kept}
+        if self.monitor is not None:
+            self.monitor.record_micro_loss(loss)
+        return loss
+
+    def _unscale_once(self, model):
+        if self.loss_scaler is None or self._unscaled:
+            return
+        self._unscaled = True
+        params = [p for p in model.parameters() if p.requires_grad]
+        overflow = self.loss_scaler.unscale_and_check(params)
+        self.loss_scaler.update(overflow)
+        if overflow:  # no gradients: the optimizer step does nothing, and Trainer skips the scheduler step
+            for p in params:
+                p.grad = None
+        # Relies on accelerate's AcceleratedOptimizer.step_was_skipped reading _is_overflow (no GradScaler here to
+        # set it), which Trainer reads to skip the LR scheduler step.
+        self.optimizer._is_overflow = overflow
+
+    def _clip_grad_norm(self, model):
+        # Relies on Trainer calling _clip_grad_norm (when max_grad_norm > 0) after the last backward of a step and
+        # before optimizer.step().
+        self._unscale_once(model)
+        if self.loss_scaler is not None and self.optimizer._is_overflow:
+            return torch.tensor(float("nan"))
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Relies on Trainer calling _get_grad_norm on every optimizer step, after _clip_grad_norm, before
+        # optimizer.step(), and logging the norm it returns.
+        self._unscale_once(model)
+        if self.loss_scaler is not None and self.optimizer._is_overflow:
+            grad_norm = torch.tensor(float("nan"))
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.monitor is not None:
+            self.monitor.record_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Relies on Trainer._save saving a PeftModel through self.model.save_pretrained(...).
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        # LoRA weights only: no copy of the (unchanged) embeddings, and no hub look-up that "auto" would do.
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
+
+    def _get_output_dir(self, trial):
+        # Relies on Trainer._save_checkpoint taking its folder (and rotating) from this method.
+        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into checkpoints/staging, check it, then rename it into place: a run killed or
+        out of space while saving leaves the earlier checkpoints as they were and no half checkpoint."""
+        # Relies on Trainer._save_checkpoint writing all into <_get_output_dir>/checkpoint-<step>.
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_root = run_dir / STAGING_NAME
+        staged = self._staging_root / name
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            with writing_into(run_dir, name, needed=self.checkpoint_bytes, intact="every earlier checkpoint",
+                              partial=staged):
+                super()._save_checkpoint(model, trial)
+                if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
+                    (staged / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
+                write_completion_marker(staged)
+                publish_folder(staged, run_dir / name)
+        finally:
+            if self._staging_root.is_dir() and not any(self._staging_root.iterdir()):
+                self._staging_root.rmdir()
+            self._staging_root = None
+        self.checkpoint_bytes = folder_bytes(run_dir / name)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
