@@ -99,17 +99,16 @@ def prompts(tokenizer, batch: int) -> list[str]:
 
 def answers(method: str, model, tokenizer, texts: list[str], new_tokens: int) -> list[str]:
     """The text of each answer, exactly ``new_tokens`` tokens long."""
-    forced = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    forced = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    tokenizer.padding_side = "left"  # a batch of prompts ends together, where the answers start
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if method == "blog":
         from transformers import pipeline
 
         generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
         outputs = generator(texts, batch_size=len(texts), return_full_text=False, **forced)
         return [o[0]["generated_text"] for o in outputs]
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     inputs = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     extra = {"cache_implementation": "static"} if method == "static" else {}
     output = model.generate(**inputs, **forced, **extra)
@@ -117,8 +116,9 @@ def answers(method: str, model, tokenizer, texts: list[str], new_tokens: int) ->
 
 
 def timed(method, model, tokenizer, texts, new_tokens, repeats):
-    """(median seconds, the answers of the last run): one warm-up run first (compilation, graph capture)."""
-    answers(method, model, tokenizer, texts, new_tokens)
+    """(median seconds, the answers of the last run) after one warm-up run: a full one for the static cache (its
+    compilation and CUDA graphs are made for this cache length), a short one (kernels loaded) for the others."""
+    answers(method, model, tokenizer, texts, new_tokens if method == "static" else min(new_tokens, 8))
     seconds = []
     for _ in range(repeats):
         if torch.cuda.is_available():
