@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from helpers.data import LABEL_RECIPES
+from helpers.data import check_label_recipe
 from helpers.models import QUANTIZATIONS
 from helpers.precision import PRECISION_MODES
 
@@ -23,7 +23,7 @@ class Recipe:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str | list = "attention"  # attention | all | comma-separated names
-    labels: str = "seed"                # seed | fixed (see helpers.data)
+    labels: str = "blog"                # blog | answer_only (label recipes, see helpers.data.labels)
     template: str = "koalpaca"
     max_length: int = 512
     batch_size: int = 2
@@ -52,8 +52,7 @@ class Recipe:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.batch_size <= 0 or self.gradient_accumulation <= 0:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
-        if self.labels not in LABEL_RECIPES:
-            raise ValueError(f"unknown label recipe {self.labels!r}; choose one of {', '.join(LABEL_RECIPES)}")
+        check_label_recipe(self.labels)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         return self
@@ -72,7 +71,7 @@ def fixed_recipe(**overrides) -> Recipe:
 
     lr 5e-4: on the shipped data with gemma-3-270m (H100, bf16, 1 epoch, batch 4, LoRA r8 on attention) answer
     perplexity was 19.2 at 2e-4, 18.5 at 5e-4 and 18.1 at 1e-3 (docs/measurements/gpu_h100_2026-11-23.md)."""
-    base = Recipe(name="fixed", precision="auto", compute_dtype="auto", labels="fixed", lr_scheduler="cosine",
+    base = Recipe(name="fixed", precision="auto", compute_dtype="auto", labels="answer_only", lr_scheduler="cosine",
                   warmup_ratio=0.05, learning_rate=5e-4, optimizer="adamw_torch", group_by_length=True,
                   labelled_logits_only=True)
     return replace(base, **overrides).validate()

@@ -5,9 +5,9 @@ from labelled logits only when asked, and writes checkpoints whole or not at all
 transformers' Trainer; each override says which Trainer behaviour (transformers 5.23) it relies on, so an upgrade
 of transformers is a known risk.
 
-This module imports transformers (seconds) when it is imported. It used to build LabTrainer inside a function so
-that ``import helpers.training`` did not; that saved nothing a training run needs, and what only describes a run
-(``helpers.recipes``, ``helpers.precision``) stays free of transformers.
+Importing this module imports transformers, which takes seconds. LabTrainer is a module-level class all the same:
+whatever imports it is about to train and needs transformers anyway, while ``import helpers`` and the modules that
+only describe a run (``helpers.recipes``, ``helpers.precision``) stay free of it.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from helpers.data.files import detect_encoding
 from helpers.data.labels import (
     IGNORE_INDEX,
     LABEL_RECIPES,
+    check_label_recipe,
     encode_example,
     inspect_labels,
     label_stats,
@@ -71,9 +72,9 @@ from helpers.data.validation import (
 __all__ = [
     "CONTEXT_ALIASES", "DATA_SUFFIXES", "ENCODING_NAMES", "FILE_LIKE_SUFFIXES", "IGNORE_INDEX", "LABEL_RECIPES",
     "OPTIONAL_TEXT_FIELDS", "REQUIRED_FIELDS", "RESOURCES", "ROLES", "ROW_COLUMNS", "ROW_SHAPES", "SHIPPED",
-    "SHIPPED_DIR", "TOO_LONG_ACTIONS", "TURN_SEPARATOR", "DataError", "DataReport", "Problem", "check_source",
-    "conversation_segments", "detect_encoding", "encode_example", "file_sha256", "format_answer", "format_prompt",
-    "full_text", "inspect_labels", "label_stats", "load_instructions", "main", "make_collator", "pad_masks_eos",
-    "prepare_tokenizer", "prompt_templates", "read_rows", "row_shape", "sequence_stats", "tokenize_dataset",
-    "validate_rows",
+    "SHIPPED_DIR", "TOO_LONG_ACTIONS", "TURN_SEPARATOR", "DataError", "DataReport", "Problem", "check_label_recipe",
+    "check_source", "conversation_segments", "detect_encoding", "encode_example", "file_sha256", "format_answer",
+    "format_prompt", "full_text", "inspect_labels", "label_stats", "load_instructions", "main", "make_collator",
+    "pad_masks_eos", "prepare_tokenizer", "prompt_templates", "read_rows", "row_shape", "sequence_stats",
+    "tokenize_dataset", "validate_rows",
 ]

@@ -1,5 +1,5 @@
-"""Label recipes (``seed``, the blog's, and ``fixed``): padding, a row encoded into ids and labels, the collator,
-and statistics of the labels and lengths of encoded data."""
+"""Label recipes (``blog``, the blog's, and ``answer_only``): padding, a row encoded into ids and labels, the
+collator, and statistics of the labels and lengths of encoded data."""
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +15,19 @@ from helpers.data.prompts import (
 )
 from helpers.data.validation import row_shape
 
-LABEL_RECIPES = ("seed", "fixed")
+LABEL_RECIPES = ("blog", "answer_only")
+# Earlier names of the label recipes: a script or notebook that still passes one is told the new name.
+RENAMED_LABEL_RECIPES = {"seed": "blog", "fixed": "answer_only"}
 IGNORE_INDEX = -100  # the label value transformers' losses skip
+
+
+def check_label_recipe(recipe: str) -> str:
+    """``recipe`` if it names a label recipe; otherwise a ValueError that says which names there are."""
+    if recipe in RENAMED_LABEL_RECIPES:
+        raise ValueError(f"label recipe {recipe!r} is now called {RENAMED_LABEL_RECIPES[recipe]!r}")
+    if recipe not in LABEL_RECIPES:
+        raise ValueError(f"unknown label recipe {recipe!r}; choose one of {', '.join(map(repr, LABEL_RECIPES))}")
+    return recipe
 
 
 def pad_masks_eos(tokenizer) -> bool:
@@ -26,19 +37,18 @@ def pad_masks_eos(tokenizer) -> bool:
 def prepare_tokenizer(tokenizer, recipe: str) -> bool:
     """Set padding for a label recipe. Never adds a token, so it always returns False (nothing to resize).
 
-    ``seed`` copies the blog (pad = eos, with the LM collator that masks every pad id, EOS included).
-    ``fixed`` keeps the tokenizer's pad token, or uses the EOS when it has none: its collator masks padding by
+    ``blog`` copies the blog (pad = eos, with the LM collator that masks every pad id, EOS included).
+    ``answer_only`` keeps the tokenizer's pad token, or uses the EOS when it has none: its collator masks padding by
     position (labels padded with -100, attention_mask 0), so pad = eos costs nothing and every real EOS keeps its
     label. (Adding a pad token would make the embeddings grow, and PEFT would then save both embedding matrices
     into every adapter: gigabytes for an 8B model.)
     """
-    if recipe not in LABEL_RECIPES:
-        raise ValueError(f"unknown label recipe {recipe!r}; choose 'seed' or 'fixed'")
+    check_label_recipe(recipe)
     tokenizer.padding_side = "right"
-    if recipe == "seed":
+    if recipe == "blog":
         tokenizer.pad_token = tokenizer.eos_token
-        warnings.warn("label recipe 'seed': pad_token = eos_token, so DataCollatorForLanguageModeling masks every "
-                      "EOS label and the model never learns to stop. Use recipe 'fixed' to train the EOS.",
+        warnings.warn("label recipe 'blog': pad_token = eos_token, so DataCollatorForLanguageModeling masks every "
+                      "EOS label and the model never learns to stop. Use label recipe 'answer_only' to train the EOS.",
                       stacklevel=2)
         return False
     if tokenizer.pad_token is None:
@@ -55,18 +65,17 @@ def _ids(tokenizer, text: str, first: bool, split_special: bool) -> list[int]:
 
 
 def encode_example(row: dict, tokenizer, recipe: str, template: str = "koalpaca", max_length: int = 512) -> dict:
-    """Token ids (and, for ``fixed``, labels) of one row of any shape.
+    """Token ids (and, for ``answer_only``, labels) of one row of any shape.
 
-    seed: the blog's text ``full_text + eos_token`` tokenized as one string; labels come later from the LM
+    blog: the blog's text ``full_text + eos_token`` tokenized as one string; labels come later from the LM
     collator, which copies input_ids and masks pad (= eos) positions.
-    fixed: instruction rows train the answer and exactly one appended EOS id (prompt labels -100); text rows train
+    answer_only: instruction rows train the answer and exactly one appended EOS id (prompt labels -100); text rows train
     every token and one appended EOS; messages rows train each assistant turn, each ending in a trained EOS (with
     the chat template, the template's own end-of-turn marker, plus one EOS at the end). A row truncated to
     max_length loses its tail and its EOS (it never finished, so it must not teach stopping there).
     """
-    if recipe not in LABEL_RECIPES:
-        raise ValueError(f"unknown label recipe {recipe!r}; choose 'seed' or 'fixed'")
-    if recipe == "seed":
+    check_label_recipe(recipe)
+    if recipe == "blog":
         text = full_text(row, tokenizer, template) + tokenizer.eos_token
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
@@ -128,11 +137,12 @@ def _encoding_fingerprint(dataset, tokenizer, recipe, template, max_length) -> s
 
 
 def make_collator(tokenizer, recipe: str):
-    """``seed``: the blog's DataCollatorForLanguageModeling(mlm=False). ``fixed``: pads labels with -100."""
+    """``blog``: the blog's DataCollatorForLanguageModeling(mlm=False). ``answer_only``: pads labels with -100."""
     # imported when used, so that `import helpers.data` stays fast
     from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 
-    if recipe == "seed":
+    check_label_recipe(recipe)
+    if recipe == "blog":
         if pad_masks_eos(tokenizer):
             warnings.warn("pad_token == eos_token: the LM collator will mask every EOS label", stacklevel=2)
         return DataCollatorForLanguageModeling(tokenizer, mlm=False)

@@ -116,9 +116,9 @@ def replay_batch(model, batch, context=None, assume_dtype=torch.float16, weights
 
 
 def diagnosis(finding: CollapseFinding, records: list[StepRecord], precision: str, probe=None,
-              fixed_finding: CollapseFinding | None = None, fixed_precision: str | None = None,
-              fixed_records: list[StepRecord] | None = None) -> str:
-    """A plain-language diagnosis built only from a run's measurements (nothing here is fixed text about the
+              comparison_finding: CollapseFinding | None = None, comparison_precision: str | None = None,
+              comparison_records: list[StepRecord] | None = None) -> str:
+    """A plain-language diagnosis built only from a run's measurements (nothing here is canned text about the
     outcome: each sentence is chosen and filled from the trace)."""
     lines = []
     if not finding.collapsed:
@@ -157,15 +157,16 @@ def diagnosis(finding: CollapseFinding, records: list[StepRecord], precision: st
         if tightest:
             lines.append(f"The replay found no module overflowing; the least headroom was {tightest['headroom']:.3g}x "
                          f"at {tightest['module']}.")
-    if fixed_finding is not None and fixed_records:
-        first, last = fixed_records[0].raw_loss, fixed_records[-1].raw_loss
-        if not fixed_finding.collapsed and finding.collapsed:
-            lines.append(f"The same settings in {fixed_precision} ran {fixed_finding.steps_seen} steps with "
-                         f"{fixed_finding.nonfinite_steps} non-finite losses (raw loss {first:.3f} -> {last:.3f}): the "
-                         f"failure comes from fp16's range, and a precision with fp32's range fixes it.")
-        elif fixed_finding.collapsed:
-            lines.append(f"The {fixed_precision} run collapsed too ({fixed_finding.text()}): fp16's range is not the "
-                         f"whole story at these settings; look at the learning rate.")
+    if comparison_finding is not None and comparison_records:
+        first, last = comparison_records[0].raw_loss, comparison_records[-1].raw_loss
+        if not comparison_finding.collapsed and finding.collapsed:
+            lines.append(f"The same settings in {comparison_precision} ran {comparison_finding.steps_seen} steps "
+                         f"with {comparison_finding.nonfinite_steps} non-finite losses (raw loss {first:.3f} -> "
+                         f"{last:.3f}): the failure comes from fp16's range, and a precision with fp32's range "
+                         "fixes it.")
+        elif comparison_finding.collapsed:
+            lines.append(f"The {comparison_precision} run collapsed too ({comparison_finding.text()}): fp16's range is "
+                         f"not the whole story at these settings; look at the learning rate.")
         else:
-            lines.append(f"The {fixed_precision} run was healthy as well ({first:.3f} -> {last:.3f}).")
+            lines.append(f"The {comparison_precision} run was healthy as well ({first:.3f} -> {last:.3f}).")
     return "\n".join(lines)

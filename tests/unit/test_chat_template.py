@@ -91,7 +91,7 @@ def test_apply_chat_template_gives_the_training_prompt_and_its_ids(tokenizer, wi
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert text == tokenizer.bos_token + prompt
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        training_prompt_ids = encode_example(row, tokenizer, "fixed")["labels"].count(-100)
+        training_prompt_ids = encode_example(row, tokenizer, "answer_only")["labels"].count(-100)
         assert ids == tokenizer(prompt)["input_ids"]
         assert len(ids) == training_prompt_ids
 
@@ -102,7 +102,7 @@ def test_a_conversation_tokenizes_as_training_does(tokenizer):
     training_text = "".join(piece for piece, _ in conversation_segments(CONVERSATION, tokenizer))
     assert text == tokenizer.bos_token + training_text + tokenizer.eos_token
     ids = tokenizer.apply_chat_template(CONVERSATION, return_dict=True)["input_ids"]
-    assert ids == encode_example({"messages": CONVERSATION}, tokenizer, "fixed")["input_ids"]
+    assert ids == encode_example({"messages": CONVERSATION}, tokenizer, "answer_only")["input_ids"]
 
 
 def test_training_with_the_chat_template_trains_the_same_answers(tokenizer):

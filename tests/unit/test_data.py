@@ -32,6 +32,7 @@ from helpers.data import (
     read_rows,
     validate_rows,
 )
+from helpers.recipes import blog_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIG = 100_000  # a max_length no generated row reaches
@@ -50,18 +51,18 @@ def base_tok():
 
 
 @pytest.fixture(scope="session")
-def fixed_tok(base_tok):
+def answer_only_tok(base_tok):
     tok = copy.deepcopy(base_tok)
-    added = prepare_tokenizer(tok, "fixed")
+    added = prepare_tokenizer(tok, "answer_only")
     assert added is False  # gemma already has a real pad token
     return tok
 
 
 @pytest.fixture(scope="session")
-def seed_tok(base_tok):
+def blog_tok(base_tok):
     tok = copy.deepcopy(base_tok)
     with pytest.warns(UserWarning, match="pad_token = eos_token.*never learns to stop"):
-        assert prepare_tokenizer(tok, "seed") is False
+        assert prepare_tokenizer(tok, "blog") is False
     return tok
 
 
@@ -108,12 +109,12 @@ def _clean(row, special_texts) -> bool:
 
 @HYP
 @given(row=_row)
-def test_fixed_recipe_trains_answer_and_one_final_eos(row, fixed_tok, special_texts):
+def test_answer_only_labels_train_answer_and_one_final_eos(row, answer_only_tok, special_texts):
     assume(_clean(row, special_texts))
-    tok = fixed_tok
+    tok = answer_only_tok
     prompt_ids = tok(format_prompt(row["instruction"], row["context"], tok))["input_ids"]
     n_prompt = len(prompt_ids)
-    enc = encode_example(row, tok, "fixed", max_length=BIG)
+    enc = encode_example(row, tok, "answer_only", max_length=BIG)
     ids, labels = enc["input_ids"], enc["labels"]
 
     assert len(ids) == len(labels) == len(enc["attention_mask"])
@@ -134,12 +135,12 @@ def test_fixed_recipe_trains_answer_and_one_final_eos(row, fixed_tok, special_te
 
 @HYP
 @given(rows=st.lists(_row, min_size=2, max_size=5))
-def test_fixed_recipe_collated_batch(rows, fixed_tok, special_texts):
+def test_answer_only_labels_collated_batch(rows, answer_only_tok, special_texts):
     assume(all(_clean(r, special_texts) for r in rows))
-    tok = fixed_tok
-    features = [encode_example(r, tok, "fixed", max_length=BIG) for r in rows]
+    tok = answer_only_tok
+    features = [encode_example(r, tok, "answer_only", max_length=BIG) for r in rows]
     lengths = [len(f["input_ids"]) for f in features]
-    batch = make_collator(tok, "fixed")(features)
+    batch = make_collator(tok, "answer_only")(features)
     stats = label_stats(batch, tok)
 
     assert stats["examples"] == len(rows)
@@ -158,42 +159,42 @@ def test_fixed_recipe_collated_batch(rows, fixed_tok, special_texts):
         assert batch["labels"][i, : lengths[i]].tolist() == f["labels"]
 
 
-def test_fixed_recipe_truncated_row_loses_its_eos(fixed_tok):
+def test_answer_only_labels_truncated_row_loses_its_eos(answer_only_tok):
     row = {"instruction": "긴 답을 써 주세요", "output": "가나다라마바사 " * 40}
-    full = encode_example(row, fixed_tok, "fixed", max_length=BIG)
-    enc = encode_example(row, fixed_tok, "fixed", max_length=20)
+    full = encode_example(row, answer_only_tok, "answer_only", max_length=BIG)
+    enc = encode_example(row, answer_only_tok, "answer_only", max_length=20)
     assert len(full["input_ids"]) > 20
     assert len(enc["input_ids"]) == len(enc["labels"]) == 20
     assert enc["input_ids"] == full["input_ids"][:20]
-    assert fixed_tok.eos_token_id not in enc["labels"]
+    assert answer_only_tok.eos_token_id not in enc["labels"]
 
 
-def test_fixed_recipe_literal_eos_text_in_output_is_not_a_stop(fixed_tok):
+def test_answer_only_labels_literal_eos_text_in_output_is_not_a_stop(answer_only_tok):
     row = {"instruction": "토큰 설명", "output": "문장 끝에는 <eos> 토큰이 붙습니다"}
-    enc = encode_example(row, fixed_tok, "fixed", max_length=BIG)
-    assert enc["labels"].count(fixed_tok.eos_token_id) == 1
+    enc = encode_example(row, answer_only_tok, "answer_only", max_length=BIG)
+    assert enc["labels"].count(answer_only_tok.eos_token_id) == 1
 
 
-def test_prepare_tokenizer_fixed_keeps_real_pad(fixed_tok):
-    assert fixed_tok.pad_token == "<pad>" and fixed_tok.pad_token_id == 0
-    assert fixed_tok.padding_side == "right"
+def test_prepare_tokenizer_answer_only_keeps_real_pad(answer_only_tok):
+    assert answer_only_tok.pad_token == "<pad>" and answer_only_tok.pad_token_id == 0
+    assert answer_only_tok.padding_side == "right"
 
 
 @pytest.mark.parametrize("pad", ["none", "eos"])
-def test_fixed_recipe_adds_no_token_and_masks_padding_by_position(base_tok, pad):
+def test_answer_only_labels_add_no_token_and_mask_padding_by_position(base_tok, pad):
     # Before: prepare_tokenizer added "<|pad|>" and returned True, so the caller had to resize the embeddings.
     tok = copy.deepcopy(base_tok)
     tok.pad_token = None if pad == "none" else tok.eos_token
     n_before = len(tok)
-    assert prepare_tokenizer(tok, "fixed") is False
+    assert prepare_tokenizer(tok, "answer_only") is False
     assert len(tok) == n_before
     assert tok.pad_token_id == tok.eos_token_id  # no pad of its own: the EOS pads, masked by position
     rows = [{"instruction": "짧은 질문", "output": "네."},
             {"instruction": "조금 더 긴 질문입니다", "output": "대한민국의 수도는 서울이고 인구는 약 950만 명입니다."}]
-    features = [encode_example(r, tok, "fixed", max_length=BIG) for r in rows]
+    features = [encode_example(r, tok, "answer_only", max_length=BIG) for r in rows]
     lengths = [len(f["input_ids"]) for f in features]
     assert lengths[0] < lengths[1]
-    batch = make_collator(tok, "fixed")(features)
+    batch = make_collator(tok, "answer_only")(features)
     for i, n in enumerate(lengths):
         assert batch["labels"][i, n - 1].item() == tok.eos_token_id  # each answer's own EOS is trained
         assert batch["attention_mask"][i, :n].tolist() == [1] * n
@@ -203,27 +204,36 @@ def test_fixed_recipe_adds_no_token_and_masks_padding_by_position(base_tok, pad)
 
 
 def test_prepare_tokenizer_unknown_recipe(base_tok):
-    with pytest.raises(ValueError, match="unknown label recipe"):
-        prepare_tokenizer(base_tok, "blog")  # raises before touching the tokenizer
+    with pytest.raises(ValueError, match="unknown label recipe 'everything'; choose one of 'blog', 'answer_only'"):
+        prepare_tokenizer(base_tok, "everything")  # raises before touching the tokenizer
     assert base_tok.pad_token == "<pad>"
 
 
-def test_prepare_tokenizer_seed_sets_pad_to_eos(seed_tok):
-    # the warning itself is asserted with pytest.warns in the seed_tok fixture
-    assert seed_tok.pad_token_id == seed_tok.eos_token_id == 1
-    assert seed_tok.padding_side == "right"
+@pytest.mark.parametrize("old, new", [("seed", "blog"), ("fixed", "answer_only")])
+def test_the_old_label_recipe_names_say_the_new_ones(base_tok, old, new):
+    for call in (lambda: prepare_tokenizer(base_tok, old), lambda: encode_example({"text": "가"}, base_tok, old),
+                 lambda: make_collator(base_tok, old), lambda: blog_recipe(labels=old)):
+        with pytest.raises(ValueError, match=f"label recipe '{old}' is now called '{new}'"):
+            call()
+    assert base_tok.pad_token == "<pad>"
+
+
+def test_prepare_tokenizer_blog_sets_pad_to_eos(blog_tok):
+    # the warning itself is asserted with pytest.warns in the blog_tok fixture
+    assert blog_tok.pad_token_id == blog_tok.eos_token_id == 1
+    assert blog_tok.padding_side == "right"
 
 
 @HYP
 @given(rows=st.lists(_row, min_size=2, max_size=5))
-def test_seed_recipe_masks_every_eos(rows, seed_tok, special_texts):
+def test_blog_labels_mask_every_eos(rows, blog_tok, special_texts):
     assume(all(_clean(r, special_texts) for r in rows))
-    tok = seed_tok
-    features = [encode_example(r, tok, "seed", max_length=BIG) for r in rows]
+    tok = blog_tok
+    features = [encode_example(r, tok, "blog", max_length=BIG) for r in rows]
     assert all("labels" not in f for f in features)
     assert all(f["input_ids"][-1] == tok.eos_token_id for f in features)
     with pytest.warns(UserWarning, match="mask every EOS"):
-        collator = make_collator(tok, "seed")
+        collator = make_collator(tok, "blog")
     batch = collator(features)
     stats = label_stats(batch, tok)
     # the inputs hold every row's EOS ...
@@ -236,11 +246,11 @@ def test_seed_recipe_masks_every_eos(rows, seed_tok, special_texts):
 
 @HYP
 @given(rows=st.lists(_row, min_size=2, max_size=4), example=st.integers(min_value=0, max_value=3))
-def test_inspect_labels_one_row_per_token(rows, example, fixed_tok, special_texts):
+def test_inspect_labels_one_row_per_token(rows, example, answer_only_tok, special_texts):
     assume(all(_clean(r, special_texts) for r in rows))
     example = example % len(rows)
-    tok = fixed_tok
-    batch = make_collator(tok, "fixed")([encode_example(r, tok, "fixed", max_length=BIG) for r in rows])
+    tok = answer_only_tok
+    batch = make_collator(tok, "answer_only")([encode_example(r, tok, "answer_only", max_length=BIG) for r in rows])
     frame = inspect_labels(batch, tok, example=example)
     ids = batch["input_ids"][example].tolist()
     labels = batch["labels"][example].tolist()

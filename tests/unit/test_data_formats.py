@@ -67,8 +67,8 @@ def test_alpaca_input_reaches_the_training_text(tmp_path, tokenizer):
     rows = all_rows(data)
     assert report.rows_kept == len(ALPACA_ROWS) == len(rows)
     assert [r["context"] for r in rows] == [r["input"] for r in ALPACA_ROWS]
-    prepare_tokenizer(tokenizer, "fixed")
-    enc = encode_example(rows[0], tokenizer, "fixed", max_length=BIG)
+    prepare_tokenizer(tokenizer, "answer_only")
+    enc = encode_example(rows[0], tokenizer, "answer_only", max_length=BIG)
     decoded = tokenizer.decode(enc["input_ids"], skip_special_tokens=True)
     assert decoded == ("### 맥락: 오늘 날씨가 정말 좋네요.\n\n### 질문: 다음 문장을 영어로 번역하세요.\n\n"
                        "### 답변: The weather is really nice today.")
@@ -117,19 +117,19 @@ def test_text_rows_train_every_token_and_one_final_eos(tmp_path, tokenizer):
     rows = all_rows(data)
     assert report.rows_kept == len(rows) == len(TEXT_ROWS)
     assert report.shapes == {"text": 3}
-    prepare_tokenizer(tokenizer, "fixed")
+    prepare_tokenizer(tokenizer, "answer_only")
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     for row in rows:
-        enc = encode_example(row, tokenizer, "fixed", max_length=BIG)
+        enc = encode_example(row, tokenizer, "answer_only", max_length=BIG)
         assert enc["labels"] == enc["input_ids"]  # the whole text is trained
         assert enc["input_ids"].count(eos) == 1 and enc["input_ids"][-1] == eos
         assert enc["input_ids"].count(bos) == 1 and enc["input_ids"][0] == bos
-    enc = encode_example(rows[0], tokenizer, "fixed", max_length=BIG)
+    enc = encode_example(rows[0], tokenizer, "answer_only", max_length=BIG)
     assert tokenizer.decode(enc["input_ids"][1:-1]) == TEXT_ROWS[0]["text"]
 
 
-def test_text_row_seed_recipe_has_one_eos(tokenizer):
-    enc = encode_example({"text": "대화 기록<eos>"}, tokenizer, "seed", max_length=BIG)
+def test_text_row_blog_labels_have_one_eos(tokenizer):
+    enc = encode_example({"text": "대화 기록<eos>"}, tokenizer, "blog", max_length=BIG)
     assert enc["input_ids"].count(tokenizer.eos_token_id) == 1
 
 
@@ -155,8 +155,8 @@ def test_messages_rows_train_assistant_turns_each_with_an_eos(tmp_path, tokenize
     data, report = load_instructions(str(path), eval_fraction=0.34, verbose=False)
     rows = all_rows(data)
     assert report.rows_kept == len(rows) == 3 and report.shapes == {"messages": 3}
-    prepare_tokenizer(tokenizer, "fixed")
-    enc = encode_example(rows[0], tokenizer, "fixed", max_length=BIG)
+    prepare_tokenizer(tokenizer, "answer_only")
+    enc = encode_example(rows[0], tokenizer, "answer_only", max_length=BIG)
     eos = tokenizer.eos_token_id
     assert [lab for lab in enc["labels"] if lab == eos] == [eos, eos]  # one trained EOS per assistant turn
     assert enc["input_ids"].count(eos) == 2 and enc["input_ids"][-1] == eos
@@ -169,17 +169,17 @@ def test_messages_rows_train_assistant_turns_each_with_an_eos(tmp_path, tokenize
 
 def test_single_exchange_encodes_like_the_instruction_row(tokenizer):
     """A system turn is the context: one exchange gives the very ids of the KoAlpaca row it stands for."""
-    prepare_tokenizer(tokenizer, "fixed")
-    as_messages = encode_example({"messages": CONVERSATION[:3]}, tokenizer, "fixed", max_length=BIG)
+    prepare_tokenizer(tokenizer, "answer_only")
+    as_messages = encode_example({"messages": CONVERSATION[:3]}, tokenizer, "answer_only", max_length=BIG)
     as_row = encode_example({"instruction": "서울의 인구는?", "output": "약 950만 명입니다.",
-                             "context": "당신은 친절한 한국어 비서입니다."}, tokenizer, "fixed", max_length=BIG)
+                             "context": "당신은 친절한 한국어 비서입니다."}, tokenizer, "answer_only", max_length=BIG)
     assert as_messages == as_row
 
 
 def test_messages_with_the_tokenizers_chat_template(tokenizer):
     tokenizer.chat_template = GEMMA_LIKE_CHAT_TEMPLATE
-    prepare_tokenizer(tokenizer, "fixed")
-    enc = encode_example({"messages": CONVERSATION}, tokenizer, "fixed", template="chat", max_length=BIG)
+    prepare_tokenizer(tokenizer, "answer_only")
+    enc = encode_example({"messages": CONVERSATION}, tokenizer, "answer_only", template="chat", max_length=BIG)
     ids, labels = enc["input_ids"], enc["labels"]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     assert ids[-1] == labels[-1] == tokenizer.eos_token_id
@@ -194,7 +194,7 @@ def test_messages_with_the_tokenizers_chat_template(tokenizer):
 def test_chat_template_missing_is_a_clear_error(tmp_path, tokenizer):
     assert not tokenizer.chat_template
     with pytest.raises(ValueError, match="needs a tokenizer that has a chat template"):
-        encode_example({"messages": CONVERSATION}, tokenizer, "fixed", template="chat")
+        encode_example({"messages": CONVERSATION}, tokenizer, "answer_only", template="chat")
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     with pytest.raises(ValueError, match="needs a tokenizer that has a chat template"):
         load_instructions(str(path), tokenizer=tokenizer, max_length=512, template="chat", verbose=False)
@@ -237,10 +237,10 @@ def test_mixed_shapes_in_one_file_all_kept_and_tokenized(tmp_path, tokenizer):
     assert report.shapes == {"instruction": 2, "text": 1, "messages": 1}
     assert [(p.row, p.field, p.kind) for p in report.problems] == [(5, "*", "missing")]
     assert "no known row shape (fields: question, answer)" in report.problems[0].detail
-    prepare_tokenizer(tokenizer, "fixed")
-    encoded = tokenize_dataset(data, tokenizer, "fixed", max_length=BIG)
+    prepare_tokenizer(tokenizer, "answer_only")
+    encoded = tokenize_dataset(data, tokenizer, "answer_only", max_length=BIG)
     assert len(encoded["train"]) + len(encoded["eval"]) == 4
-    batch = make_collator(tokenizer, "fixed")(list(encoded["train"]) + list(encoded["eval"]))
+    batch = make_collator(tokenizer, "answer_only")(list(encoded["train"]) + list(encoded["eval"]))
     # one EOS per instruction/text row, two for the two-answer conversation
     assert sorted(lab_data.label_stats(batch, tokenizer)["trained_eos_per_example"]) == [1, 1, 1, 2]
 

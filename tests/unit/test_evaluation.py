@@ -33,7 +33,7 @@ def test_answer_perplexity_scores_answers_only_and_falls_as_the_model_fits(tiny_
     # A few steps on exactly these answers must make them much more likely.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     from helpers.data import encode_example
-    example = encode_example(rows[0], tokenizer, "fixed")
+    example = encode_example(rows[0], tokenizer, "answer_only")
     ids = torch.tensor([example["input_ids"]])
     labels = torch.tensor([example["labels"]])
     model.train()

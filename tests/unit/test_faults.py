@@ -18,7 +18,7 @@ from helpers.diagnostics import read_trace
 from helpers.recipes import blog_recipe
 from helpers.training import train
 
-RECIPE = dict(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, logging_steps=100,
+RECIPE = dict(quantization="none", precision="fp32", labels="answer_only", learning_rate=1e-3, logging_steps=100,
               optimizer="adamw_torch", gradient_checkpointing=False)
 
 # A run whose torch.save is cut at its second optimizer.pt (the second checkpoint): half the bytes reach the file,

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     from helpers.recipes import blog_recipe
     from helpers.training import train
-    recipe = blog_recipe(quantization="none", precision="fp32", labels="fixed", learning_rate=1e-3, max_steps=40,
+    recipe = blog_recipe(quantization="none", precision="fp32", labels="answer_only", learning_rate=1e-3, max_steps=40,
                          save_steps=16, logging_steps=4, optimizer="adamw_torch", gradient_checkpointing=False,
                          group_by_length=True, labelled_logits_only=True)  # as notebook 03's fixed recipe
     train(recipe, model_id=sys.argv[1], data=sys.argv[2], out_dir=sys.argv[3], report_to="none", resume=True,

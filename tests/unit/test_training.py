@@ -24,11 +24,11 @@ def test_lab_trainer_is_a_trainer_defined_at_module_level():
 
 
 def _batch(tokenizer):
-    lab_data.prepare_tokenizer(tokenizer, "fixed")
+    lab_data.prepare_tokenizer(tokenizer, "answer_only")
     rows = [{"instruction": "김치찌개 끓이는 법?", "output": "묵은지를 볶은 뒤 물을 붓고 끓여요.", "context": ""},
             {"instruction": "서울의 인구는 얼마나 되나요? 대략 알려 주세요.", "output": "약 940만 명이에요.", "context": ""}]
-    encoded = [lab_data.encode_example(row, tokenizer, "fixed") for row in rows]
-    return lab_data.make_collator(tokenizer, "fixed")(encoded)
+    encoded = [lab_data.encode_example(row, tokenizer, "answer_only") for row in rows]
+    return lab_data.make_collator(tokenizer, "answer_only")(encoded)
 
 
 @pytest.mark.parametrize("num_items", [None, 7])
