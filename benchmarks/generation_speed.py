@@ -4,7 +4,8 @@ Every configuration runs in its own process, one after another (timings never sh
 row per batch size to ``benchmarks/results/generation_speed.csv``:
 
     python -m benchmarks.generation_speed all --shape gemma-3-270m --model embedded
-    python -m benchmarks.generation_speed all --shape polyglot-ko-12.8b --model outputs/real_shapes/work/polyglot-ko-12.8b
+    python -m benchmarks.generation_speed all --shape polyglot-ko-12.8b \
+        --model outputs/real_shapes/work/polyglot-ko-12.8b --weights random
     (build that folder first, random weights: python -m benchmarks.real_shapes build polyglot-ko-12.8b)
 
   blog      the blog's way: the base in 4-bit NF4 with the LoRA adapter unmerged, answered through a
@@ -16,8 +17,9 @@ row per batch size to ``benchmarks/results/generation_speed.csv``:
 
 Every answer is forced to exactly ``--new-tokens`` tokens (EOS is suppressed until then) and decoded greedily, so the
 methods do the same work. The adapter is a fresh LoRA (r 8 on the attention projections, as the fixed recipe); its
-values do not change the work. ``matches_generate`` is the share of answers whose text equals plain ``generate``'s (the blog's 4-bit
-weights answer differently by design).
+values do not change the work. ``matches_generate`` is the share of answers whose text equals plain ``generate``'s
+(the blog's 4-bit weights answer differently by design), ``identical_prefix_tokens`` the mean number of leading
+tokens they share.
 
 Beside each row stands the bandwidth floor: every decoding step reads all weights once, so a step cannot take less
 than weight bytes / copy bandwidth, with the copy bandwidth measured in the same process (bytes read + written).
@@ -38,8 +40,8 @@ import torch
 METHODS = ("generate", "static", "blog")
 RESULTS = Path("benchmarks/results/generation_speed.csv")
 COLUMNS = ["date", "gpu", "model_shape", "weights", "method", "batch", "new_tokens", "seconds", "tokens_per_s",
-           "bandwidth_floor_s", "weight_gb", "copy_tb_per_s", "matches_generate", "torch", "transformers", "peft",
-           "bitsandbytes"]
+           "bandwidth_floor_s", "weight_gb", "copy_tb_per_s", "matches_generate", "identical_prefix_tokens", "torch",
+           "transformers", "peft", "bitsandbytes"]
 
 
 def copy_bandwidth(gigabytes: float = 2.0) -> float:
@@ -94,7 +96,8 @@ def prompts(tokenizer, batch: int) -> list[str]:
     from helpers.data import format_prompt, load_instructions
 
     rows = list(load_instructions("shipped", verbose=False)[0]["eval"])
-    return [format_prompt(rows[i % len(rows)]["instruction"], rows[i % len(rows)].get("input", "")) for i in range(batch)]
+    picked = [rows[i % len(rows)] for i in range(batch)]
+    return [format_prompt(row["instruction"], row.get("context", "")) for row in picked]
 
 
 def answers(method: str, model, tokenizer, texts: list[str], new_tokens: int) -> list[str]:
@@ -175,6 +178,7 @@ def run_all(shape: str, model_id: str, methods, batches, new_tokens: int, repeat
             continue
         measured[method] = json.loads(part.read_text())
     reference = {row["batch"]: row["answers"] for row in measured.get("generate", [])}
+    tokenizer = None
     rows = []
     for method_rows in measured.values():
         for row in method_rows:
@@ -182,9 +186,32 @@ def run_all(shape: str, model_id: str, methods, batches, new_tokens: int, repeat
             texts = row.pop("answers")
             row["matches_generate"] = "" if plain is None else round(
                 sum(a == b for a, b in zip(texts, plain)) / len(plain), 3)
+            if plain is not None:
+                tokenizer = tokenizer or _tokenizer(model_id)
+                row["identical_prefix_tokens"] = round(statistics.mean(
+                    _identical_prefix(tokenizer, a, b) for a, b in zip(texts, plain)), 1)
             rows.append(row)
     append_rows(results, rows)
     return rows
+
+
+def _tokenizer(model_id: str):
+    from helpers.models import load_tokenizer
+
+    return load_tokenizer(model_id, verbose=False)
+
+
+def _identical_prefix(tokenizer, answer: str, plain: str) -> int:
+    """How many leading tokens of ``answer`` equal plain generate's (both re-tokenized with the same tokenizer).
+    Greedy decoding in bf16 follows the first near-tie that two kernels round differently onto another path, so
+    whole-answer equality says little past the point where the answer would have ended; the prefix says where."""
+    ours, theirs = tokenizer(answer)["input_ids"], tokenizer(plain)["input_ids"]
+    same = 0
+    for a, b in zip(ours, theirs):
+        if a != b:
+            break
+        same += 1
+    return same
 
 
 def append_rows(path: Path, rows: list[dict]):
