@@ -54,8 +54,9 @@ def _jinja_expression(pattern: str, fields: dict[str, str]) -> str:
     return " ~ ".join(parts) if parts else '""'
 
 
-def _split_header(pattern: str, field: str) -> tuple[str, str]:
-    """``(question part, assistant header)`` of a prompt pattern: the header is the text after its last field."""
+def split_answer_header(pattern: str, field: str = "instruction") -> tuple[str, str]:
+    """``(question part, answer header)`` of a prompt pattern of prompt_templates.json: the header is the text
+    after its last field (``\n\n### 답변:`` for koalpaca), which the assistant turn renders."""
     marker = "{" + field + "}"
     if not pattern.endswith(marker) and marker in pattern:
         cut = pattern.rindex(marker) + len(marker)
@@ -71,8 +72,8 @@ def chat_template(template: str = DEFAULT_TEMPLATE) -> str:
     spec = templates[template]
     if spec.get("use_chat_template"):
         raise ValueError(f"template {template!r} is the tokenizer's own chat template; there is nothing to build")
-    question, header = _split_header(spec["prompt"], "instruction")
-    question_with_context, header_with_context = _split_header(spec["prompt_with_context"], "instruction")
+    question, header = split_answer_header(spec["prompt"])
+    question_with_context, header_with_context = split_answer_header(spec["prompt_with_context"])
     if header != header_with_context:
         raise ValueError(f"template {template!r} ends its prompt differently with and without context "
                          f"({header!r}, {header_with_context!r}); a chat template needs one answer header")
