@@ -5,7 +5,8 @@ import copy
 import time
 
 import torch
-from transformers import TextStreamer
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 
 class TimingStreamer(TextStreamer):
@@ -26,6 +27,18 @@ class TimingStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False):
         if self.echo:
             super().on_finalized_text(text, stream_end)
+
+
+class TokenProgress(StoppingCriteria):
+    """Advances a progress bar by one at every token that ``generate`` adds (to every row of a batch at once);
+    it never stops generation, so the answers are the same with or without it."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def generation_kwargs(tokenizer, max_new_tokens=128, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
@@ -68,6 +81,13 @@ def ask(model, tokenizer, instruction: str, context: str = "", template: str = "
             "total_s": round(total, 3)}
 
 
+def ask_many(model, tokenizer, rows, desc: str = "answering", **settings) -> list[dict]:
+    """:func:`ask` for each row (``instruction`` and ``context``), one at a time and not streamed, with a
+    progress bar; settings: template, seed and the sampling arguments of :func:`ask`."""
+    return [ask(model, tokenizer, row["instruction"], context=row.get("context", ""), stream=False, **settings)
+            for row in tqdm(rows, desc=desc, leave=False)]
+
+
 # --------------------------------------------------------------------------------------------- metrics
 
 @torch.no_grad()
@@ -86,13 +106,13 @@ def answer_perplexity(model, tokenizer, rows, template: str = "koalpaca", batch_
 
     model.eval()
     tokenizer = padding_tokenizer(tokenizer)
-    collate = make_collator(tokenizer, "fixed")
+    collate = make_collator(tokenizer, "answer_only")
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
-    examples = [encode_example(row, tokenizer, "fixed", template, max_length=4096) for row in rows]
+    examples = [encode_example(row, tokenizer, "answer_only", template, max_length=4096) for row in rows]
     examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding to compute
     labelled_only = None  # decided on the first batch
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc="answer perplexity", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
         scored = int((batch["labels"][:, 1:] != -100).sum())
         if labelled_only is not False:
@@ -189,8 +209,6 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 128, template
     Returns (one dict per row with answer, new_tokens, ended_with_eos; wall seconds). An answer ends at its first
     EOS; a batch runs until every row has ended or reached max_new_tokens.
     """
-    from tqdm.auto import tqdm
-
     from helpers.data import format_prompt
 
     prompts = [tokenizer(format_prompt(r["instruction"], r.get("context", ""), tokenizer, template))["input_ids"]
@@ -199,19 +217,27 @@ def generate_answers(model, tokenizer, rows, max_new_tokens: int = 128, template
     batch_size = batch_size if pad_id is not None else 1
     device = next(model.parameters()).device
     kwargs = generation_kwargs(tokenizer, max_new_tokens=max_new_tokens, **sampling)
+    starts = range(0, len(prompts), batch_size)
+    # One tick per generated token of a batch: a batch of 20 answers is one long generate() call.
+    bar = tqdm(total=len(starts) * max_new_tokens, desc=f"generating {len(prompts)} answers", unit="token",
+               leave=False)
+    progress = StoppingCriteriaList([TokenProgress(bar)])
     results, started = [], time.perf_counter()
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False):
+    for batch_number, start in enumerate(starts):
         chunk = prompts[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         torch.manual_seed(seed)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=progress,
+                                **kwargs)
+        bar.update((batch_number + 1) * max_new_tokens - bar.n)  # a batch that stopped early
         for new_ids in output[:, width:].tolist():
             ended = tokenizer.eos_token_id in new_ids
             new_ids = new_ids[:new_ids.index(tokenizer.eos_token_id) + 1] if ended else new_ids
             results.append({"answer": tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
                             "new_tokens": len(new_ids), "ended_with_eos": ended})
+    bar.close()
     for row, result in zip(rows, results):
         result["question"] = row["instruction"]
     return results, time.perf_counter() - started
@@ -236,8 +262,8 @@ def evaluate_generations(model, tokenizer, rows, label: str, max_new_tokens: int
         answers.append({**result, "model": label, "reference": row["output"],
                         "morpheme_f1": morpheme_f1(result["answer"], row["output"]),
                         "distinct_2": distinct_n(tokens, 2), "repeated_3gram_share": repeated_ngram_share(tokens, 3)})
-    speed = [ask(model, tokenizer, row["instruction"], context=row.get("context", ""), template=template,
-                 stream=False, seed=seed, max_new_tokens=speed_tokens, **sampling) for row in rows[:speed_rows]]
+    speed = ask_many(model, tokenizer, rows[:speed_rows], desc="timing one at a time", template=template, seed=seed,
+                     max_new_tokens=speed_tokens, **sampling)
     n = max(len(answers), 1)
     metrics = {
         "model": label, "answers": len(answers),

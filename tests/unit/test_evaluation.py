@@ -125,3 +125,28 @@ def test_answer_perplexity_works_for_a_tokenizer_without_pad(tiny_model_dir):
     without_pad = answer_perplexity(model, tokenizer, rows)
     assert without_pad == pytest.approx(with_pad, rel=1e-5)  # padding is masked by position: its id does not count
     assert tokenizer.pad_token_id is None  # the caller's tokenizer is left as it was
+
+
+def test_generation_progress_ticks_once_a_token_and_changes_no_answer(tiny_model_dir):
+    from transformers import StoppingCriteriaList
+
+    from helpers.data import format_prompt
+    from helpers.evaluation import TokenProgress, generate_answers, generation_kwargs
+    from helpers.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), verbose=False)
+    model.eval()
+    row = {"instruction": "짧은 질문", "output": ""}
+    ids = torch.tensor([tokenizer(format_prompt(row["instruction"], "", tokenizer))["input_ids"]])
+    settings = generation_kwargs(tokenizer, max_new_tokens=5, do_sample=False)
+    ticks = []
+    bar = type("Bar", (), {"update": lambda self, n: ticks.append(n)})()
+    plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+    counted = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=5,
+                             stopping_criteria=StoppingCriteriaList([TokenProgress(bar)]), **settings)
+    assert len(ticks) == 5 and counted.shape[1] == ids.shape[1] + 5
+    answer, = generate_answers(model, tokenizer, [row], max_new_tokens=5, batch_size=1, do_sample=False,
+                               repetition_penalty=1.1)[0]
+    new_ids = plain[0, ids.shape[1]:].tolist()
+    new_ids = new_ids[:new_ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new_ids else new_ids
+    assert answer["answer"] == tokenizer.decode(new_ids, skip_special_tokens=True).strip()
