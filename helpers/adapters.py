@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import gc
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from helpers.data import format_prompt
 from helpers.evaluation import ask, padding_tokenizer
 from helpers.models import load_model
-from helpers.outputs import publish_folder, restore_replaced, writing_into
+from helpers.outputs import project_root, publish_folder, restore_replaced, writing_into
 
 
 def load_adapter(base, adapter_dir, is_trainable: bool = False):
@@ -57,15 +59,22 @@ def merge_check(model_id: str, adapter_dir, rows: list[dict], revision: str | No
     probe = tokenizer([format_prompt(r["instruction"], r.get("context", "")) for r in rows], return_tensors="pt",
                       padding=True)
     mask = probe["attention_mask"].bool()
+    stages = tqdm(total=3, desc="merge check: adapter in fp32", leave=False)
     reference_model, reference = _adapter_logits(model_id, revision, adapter_dir, "fp32", probe)
     del reference_model; gc.collect()
+    stages.update(1)
+    stages.set_description("merge check: unmerged adapter in bf16")
     unmerged, unmerged_logits = _adapter_logits(model_id, revision, adapter_dir, "bf16", probe)
     speed_unmerged = ask(unmerged, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=speed_tokens,
                          do_sample=False)
     del unmerged; gc.collect()
+    stages.update(1)
+    stages.set_description("merge check: merged into bf16")
     merged, merged_logits = _adapter_logits(model_id, revision, adapter_dir, "bf16", probe, merge=True)
     speed_merged = ask(merged, tokenizer, rows[0]["instruction"], stream=False, max_new_tokens=speed_tokens,
                        do_sample=False)
+    stages.update(1)
+    stages.close()
     unmerged_error = (unmerged_logits - reference).abs()[mask]
     merged_error = (merged_logits - reference).abs()[mask]
     report = {
@@ -95,3 +104,17 @@ def save_merged(model, tokenizer, folder) -> Path:
         model.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
     return publish_folder(staged, folder)
+
+
+def merge_and_export(model_id: str, adapter_dir, rows: list[dict], folder, label: str, revision: str | None = None,
+                     tolerance: float = 2.0) -> dict:
+    """:func:`merge_check`, then :func:`save_merged` into ``folder``: the check's report with the adapter's
+    ``label``, where the merged model went (``saved_to``, from the project root when inside it) and the
+    ``seconds`` both took. The export is written whatever the check says; the report says whether to trust it."""
+    started = time.perf_counter()
+    report, merged, tokenizer = merge_check(model_id, adapter_dir, rows, revision=revision, tolerance=tolerance)
+    saved = save_merged(merged, tokenizer, folder)
+    root = project_root().resolve()
+    shown = saved.resolve().relative_to(root) if saved.resolve().is_relative_to(root) else saved
+    report.update(adapter=label, saved_to=str(shown), seconds=round(time.perf_counter() - started, 1))
+    return report

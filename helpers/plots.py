@@ -100,3 +100,25 @@ def sweep(rows: list[dict], path=None):
     ax.set_xlabel("max_steps"); ax.set_ylabel("step"); ax.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def loss_scales(traces: dict, title: str = "", path=None):
+    """The loss scale of each run against the step (log scale); traces: run name -> StepRecords."""
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for name, records in traces.items():
+        scaled = [(r.step, max(r.loss_scale, 1e-8)) for r in records if r.loss_scale is not None]
+        if scaled:
+            ax.semilogy(*zip(*scaled), label=name)
+    ax.set(xlabel="optimizer step", ylabel="loss scale", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def metric_bars(metrics, columns: list[str], path=None):
+    """One bar chart per metric column, a bar per model (the index of ``metrics``)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3))
+    for ax, column in zip(axes, columns):
+        metrics[column].plot.bar(ax=ax, title=column, rot=30)
+    fig.tight_layout()
+    return _save(fig, path)
