@@ -21,10 +21,10 @@ MAIN_JOB = [
     ("01_inference", {}, None),
     ("02_qlora_smoke", {}, None),
     ("03_full_train", {}, "03_full_train_fixed"),
-    # The blog recipe on the same steps and batches; no eval loss (its seed labels score the prompt too, so it
-    # compares with nothing; notebook 05 measures both adapters the same way).
-    ("03_full_train", {"recipe_name": "blog", "labels": "seed", "precision": "fp16", "learning_rate": 1e-4,
-                       "eval_steps": 0, "output_dir": "outputs/03_full_train/blog"}, "03_full_train_blog"),
+    # The blog recipe (its own labels, precision and learning rate) on the same steps and batch size; no eval loss
+    # (its labels score the prompt too, so it compares with nothing; notebook 05 measures both adapters alike).
+    ("03_full_train", {"recipe_name": "blog", "eval_steps": 0, "output_dir": "outputs/03_full_train/blog"},
+     "03_full_train_blog"),
     ("04_loss_collapse_investigation", {}, None),
     ("05_inference_eval", {}, None),
 ]

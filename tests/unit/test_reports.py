@@ -13,9 +13,9 @@ from helpers.comparison import adapter_folders, metrics_table, side_by_side
 from helpers.diagnostics import StepRecord, detect_collapse
 from helpers.diagnostics.first_failure import replay_context, replay_first_failure
 from helpers.diagnostics.traces import learning_rate_bounds, logged_steps, read_trace_table, records_from_rows
+from helpers.notebooks import MAIN_JOB
 from helpers.outputs import project_root
 from helpers.recipes import named_recipe
-
 
 # What the notebooks trained before their recipe settings defaulted to the recipe's own values (literal, so that a
 # change of a recipe's defaults shows here): the blog recipe as notebook 02 ran it, and notebook 03's two runs, the
@@ -50,6 +50,10 @@ def run_cells(notebook: str, cell_ids: list[str], **parameters) -> dict:
 def settings(recipe) -> dict:
     """The recipe's values of the settings that existed when the notebooks' recipes were pinned above."""
     return {key: value for key, value in asdict(recipe).items() if key in BLOG}
+
+
+def main_job_parameters(out_name: str) -> dict:
+    return next(params for _, params, name in MAIN_JOB if name == out_name)
 
 
 def test_recipe_table_marks_what_departs_from_the_blog():
@@ -197,3 +201,16 @@ def test_merge_and_export_reports_where_the_merged_model_went(tiny_model_dir, tm
 
 def test_notebook_02_trains_the_blog_recipe_as_before(tmp_path):
     assert settings(run_cells("02_qlora_smoke", ["c02"], output_dir=str(tmp_path))["recipe"]) == BLOG
+
+
+def test_notebook_03_trains_the_same_recipes_as_before(tmp_path):
+    fixed = run_cells("03_full_train", ["c02"], **{**main_job_parameters("03_full_train_fixed"),
+                                                   "output_dir": str(tmp_path / "fixed")})["recipe"]
+    blog = run_cells("03_full_train", ["c02"], **{**main_job_parameters("03_full_train_blog"),
+                                                  "output_dir": str(tmp_path / "blog")})["recipe"]
+    assert settings(fixed) == FIXED_03
+    assert settings(blog) == BLOG_03
+
+
+def test_the_main_job_names_the_blog_recipe_instead_of_restating_it():
+    assert set(main_job_parameters("03_full_train_blog")) == {"recipe_name", "eval_steps", "output_dir"}
