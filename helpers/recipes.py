@@ -1,6 +1,7 @@
 """Training recipes: :class:`Recipe` holds every setting of a QLoRA run with the blog's values as defaults, and the
-two named recipes set only what differs from them: :func:`blog_recipe` (the recipe users copy from the KoAlpaca
-blog posts) and :func:`fixed_recipe` (the project's fix). :func:`named_recipe` picks one by name."""
+named recipes set only what differs from them: :func:`blog_recipe` (the recipe users copy from the KoAlpaca
+blog posts), :func:`fixed_recipe` (the project's fix) and :func:`fast_recipe` (the fix, made fast).
+:func:`named_recipe` picks one by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ class Recipe:
     quantization: str = "4bit"          # none | 4bit | 8bit
     precision: str = "fp16"             # auto | fp16 | fp16_emulated | bf16 | fp32 (training autocast mode)
     compute_dtype: str = "bf16"         # bnb 4-bit compute dtype: auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True  # True | False | "auto": on only where the memory estimate needs it
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -42,6 +43,12 @@ class Recipe:
     seed: int = 42
     group_by_length: bool = False       # batches of similar length: less padding, same examples per epoch
     labelled_logits_only: bool = False  # vocabulary logits only where a label is trained (see labelled_logits_loss)
+    # Speed (helpers.memory, helpers.training; each off by default)
+    packing: bool = False               # examples end to end in rows of max_length tokens, none sees another
+    tokens_per_step: int = 0            # > 0: examples a step = this / the train split's mean length (not batch_size)
+    memory_budget_gib: float = 0.0      # what tokens_per_step and "auto" checkpointing must fit in; 0: 85% of the GPU
+    loss_chunk_rows: int = 0            # > 0: labelled logits of at most this many rows at once (labelled_logits_only)
+    torch_compile: bool = False         # TrainingArguments(torch_compile=True)
 
     def validate(self):
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -55,6 +62,14 @@ class Recipe:
         check_label_recipe(self.labels)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing: True, False or 'auto', not {self.gradient_checkpointing!r}")
+        if self.packing and self.labels != "answer_only":
+            raise ValueError("packing needs labels='answer_only': the blog's labels come from a collator that pads")
+        if self.loss_chunk_rows and not self.labelled_logits_only:
+            raise ValueError("loss_chunk_rows needs labelled_logits_only=True (the chunks are of labelled rows)")
+        if min(self.tokens_per_step, self.memory_budget_gib, self.loss_chunk_rows) < 0:
+            raise ValueError("tokens_per_step, memory_budget_gib and loss_chunk_rows must be >= 0")
         return self
 
 
@@ -77,12 +92,30 @@ def fixed_recipe(**overrides) -> Recipe:
     return replace(base, **overrides).validate()
 
 
-NAMED_RECIPES = {"fixed": fixed_recipe, "blog": blog_recipe}
+def fast_recipe(**overrides) -> Recipe:
+    """The fixed recipe with the step made large and cheap: answer-only labels packed without padding into rows of
+    ``max_length`` tokens, 16,384 tokens a step (lowered, or checkpointing turned on, where the memory estimate says
+    the GPU needs it), fused AdamW (one kernel for every LoRA weight; plain AdamW on a CPU, see
+    helpers.trainer.training_arguments), labelled logits 1,024 rows at a time, bf16 where the GPU has it, batches
+    drawn at random (packing leaves no padding for grouping by length to save). torch.compile stays off until it
+    is measured (benchmarks/train_speed.py).
+
+    Why 16,384 tokens: on an H200 a plain PyTorch loop over the 270M shape ran 74k tokens/s at 16,384 tokens a
+    step and 78k at 65,536 (../reference perf_h200_2026-12): most of the gain is there, in a quarter of the memory.
+    A step then holds ~130 shipped examples: the learning rate is the fixed recipe's, tuned at batch 4, so check
+    the eval loss (the benchmark reports it after equal training tokens) before trusting it on a long run.
+    """
+    base = replace(fixed_recipe(), name="fast", packing=True, tokens_per_step=16384, gradient_checkpointing="auto",
+                   optimizer="adamw_torch_fused", loss_chunk_rows=1024, group_by_length=False)
+    return replace(base, **overrides).validate()
+
+
+NAMED_RECIPES = {"fixed": fixed_recipe, "blog": blog_recipe, "fast": fast_recipe}
 
 
 def named_recipe(name: str, **overrides) -> Recipe:
-    """The recipe called ``name`` (``fixed`` or ``blog``) with ``overrides``; an override of None keeps the recipe's
-    own value, so a notebook parameter set to None means "as the recipe has it"."""
+    """The recipe called ``name`` (``fixed``, ``blog`` or ``fast``) with ``overrides``; an override of None keeps the
+    recipe's own value, so a notebook parameter set to None means "as the recipe has it"."""
     if name not in NAMED_RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(NAMED_RECIPES)}")
     return NAMED_RECIPES[name](**{key: value for key, value in overrides.items() if value is not None})

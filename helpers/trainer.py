@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -25,10 +26,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from helpers.checkpoints import SAVE_TOTAL_LIMIT, STAGING_NAME, write_completion_marker
 from helpers.diagnostics import rng_state
 from helpers.fp16_emulation import DynamicLossScale, fp16_range
-from helpers.losses import labelled_logits_loss
+from helpers.losses import LABELLED_LOGITS_CHECK_TOKENS, labelled_logits_loss
 from helpers.outputs import folder_bytes, publish_folder, writing_into
 from helpers.precision import PrecisionPlan
 from helpers.recipes import Recipe
+
+# A batch may carry the count of its real (not padding) tokens under this key, as a Python int counted on the host
+# by the collator (helpers.training); LabTrainer takes it out before the model sees the batch.
+REAL_TOKENS = "real_tokens"
+# Fused AdamW updates every LoRA weight in one kernel instead of several per weight: it saves CUDA kernel launches.
+# A CPU has none to save, so there the plain loop runs, the optimizer the fixed recipe's CPU runs were measured with.
+CUDA_ONLY_OPTIMIZERS = {"adamw_torch_fused": "adamw_torch"}
+
+
+def optimizer_for_device(optimizer: str, cuda: bool) -> str:
+    """The optimizer a run uses on this device (see CUDA_ONLY_OPTIMIZERS)."""
+    return optimizer if cuda else CUDA_ONLY_OPTIMIZERS.get(optimizer, optimizer)
 
 
 def training_arguments(recipe: Recipe, output_dir: str | Path, precision: PrecisionPlan, report_to: str = "none",
@@ -40,7 +53,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, precision: Precis
         per_device_train_batch_size=recipe.batch_size, per_device_eval_batch_size=max(recipe.batch_size, 4),
         gradient_accumulation_steps=recipe.gradient_accumulation, learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler, warmup_steps=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm, optim=recipe.optimizer,
+        max_grad_norm=recipe.max_grad_norm, optim=optimizer_for_device(recipe.optimizer, torch.cuda.is_available()),
+        torch_compile=recipe.torch_compile,
         max_steps=recipe.max_steps if recipe.max_steps > 0 else -1, num_train_epochs=recipe.epochs or 1,
         fp16=precision.trainer_fp16, bf16=precision.trainer_bf16,
         logging_steps=recipe.logging_steps, logging_first_step=False,
@@ -61,11 +75,19 @@ class LabTrainer(Trainer):
     ``emulate_fp16=True`` runs the forward under :func:`helpers.fp16_emulation.fp16_range`, backpropagates
     ``loss * scale`` and skips the optimizer step (and so the LR scheduler step, as Trainer does for a
     GradScaler skip) when the gradients overflow, exactly where a real fp16 run would.
+
+    With a monitor, the batch of the first step whose loss is not finite is kept for a replay
+    (``first_nonfinite_batch``: the batch, the random state its dropout drew from, the weights it met) at no cost
+    to the other steps: each step keeps references to its tensors, and the one read of its loss the monitor needs
+    anyway decides whether they are copied. Without a monitor nothing reads the losses, and nothing is kept.
     """
 
-    def __init__(self, *args, monitor=None, emulate_fp16=False, labelled_logits_only=False, **kwargs):
+    def __init__(self, *args, monitor=None, emulate_fp16=False, labelled_logits_only=False, loss_chunk_rows=0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.labelled_logits_only = labelled_logits_only
+        self.loss_chunk_rows = loss_chunk_rows
+        self.real_tokens_seen = 0  # this session's training tokens that are not padding (from REAL_TOKENS)
         self._labelled_logits_checked = False
         self.monitor = monitor.attach(self) if monitor is not None else None
         self.loss_scaler = DynamicLossScale() if emulate_fp16 else None
@@ -92,14 +114,18 @@ class LabTrainer(Trainer):
             # the check does not change the run it checks. No eval(): on CPUs with AVX512-BF16, bitsandbytes'
             # 4-bit layers repack their weights for another kernel on their first eval-mode forward and keep
             # that layout, which moved this model's loss by ~0.1%.
+            # The first rows of the batch only: the model's own loss needs every position's logits, which for a
+            # large step would need more memory than the step itself (LABELLED_LOGITS_CHECK_TOKENS).
+            rows = max(1, LABELLED_LOGITS_CHECK_TOKENS // inputs["labels"].shape[1])
+            sample = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-                ours = float(labelled_logits_loss(model, inputs, num_items_in_batch))
+                ours = float(labelled_logits_loss(model, sample, num_items_in_batch))
                 torch.set_rng_state(state[0])
                 for device, cuda_state in zip(devices, state[1]):
                     torch.cuda.set_rng_state(cuda_state, device)
-                theirs = float(super().compute_loss(model, dict(inputs), False, num_items_in_batch))
+                theirs = float(super().compute_loss(model, dict(sample), False, num_items_in_batch))
             if not abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)):
                 warnings.warn(f"labelled_logits_only: loss {ours:.5f} differs from the model's {theirs:.5f} "
                               "on this architecture; using the model's own loss")
@@ -111,16 +137,17 @@ class LabTrainer(Trainer):
         # model takes it; do the same.
         num_items_in_batch = num_items_in_batch if self.model_accepts_loss_kwargs else None
         if not return_outputs and self._use_labelled_logits(model, inputs, num_items_in_batch):
-            return labelled_logits_loss(model, inputs, num_items_in_batch)
+            return labelled_logits_loss(model, inputs, num_items_in_batch, chunk_rows=self.loss_chunk_rows)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Relies on Trainer's evaluation loop taking each batch's (loss, logits, labels) from prediction_step.
+        inputs.pop(REAL_TOKENS, None)
         if not (prediction_loss_only and self.labelled_logits_only and self._labelled_logits_checked
                 and "labels" in inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         with torch.no_grad():
-            loss = labelled_logits_loss(model, self._prepare_inputs(inputs))
+            loss = labelled_logits_loss(model, self._prepare_inputs(inputs), chunk_rows=self.loss_chunk_rows)
         return loss.detach(), None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -137,22 +164,31 @@ class LabTrainer(Trainer):
         # Relies on Trainer's inner loop calling training_step once per micro-batch, before the optimizer step, and
         # logging the loss it returns (here unscaled) through logging_nan_inf_filter.
         self._unscaled = False
-        # Until a loss turns non-finite, keep what a replay needs to meet this forward again: the batch and the
-        # random state its dropout draws from. The weights it met are still in the model when its loss comes
-        # back (the optimizer steps after training_step), so they are copied only then; the run's last
-        # weights would not do, as steps after the first non-finite loss may still move them.
+        # Counted on the host, so no device read; TrainerState keeps the run's total (checkpoints carry it) for
+        # callbacks. Relies on include_num_input_tokens_seen staying "no", or Trainer would count a second time.
+        real_tokens = inputs.pop(REAL_TOKENS, 0)
+        self.real_tokens_seen += real_tokens
+        self.state.num_input_tokens_seen += real_tokens
+        # Until a loss turns non-finite, what a replay needs to meet this forward again: the batch (references to
+        # the tensors Trainer already put on the device, no copy) and the random state its dropout draws from.
         kept = None
-        if self.first_nonfinite_batch is None:
-            kept = {"batch": {k: v.detach().cpu().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+        if self.first_nonfinite_batch is None and self.monitor is not None:
+            kept = {"batch": {k: v.detach() for k, v in inputs.items() if isinstance(v, torch.Tensor)},
                     "rng_state": rng_state()}
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.loss_scaler is not None:
             loss = loss / self.loss_scaler.scale
-        if kept is not None and not torch.isfinite(loss):
-            weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            self.first_nonfinite_batch = {"step": self.state.global_step + 1, "weights": weights, **kept}
         if self.monitor is not None:
-            self.monitor.record_micro_loss(loss)
+            # The step's one device-to-host read: the monitor records every raw loss, and the same value decides
+            # whether this step is the first to keep. The weights it met are still in the model (the optimizer
+            # steps after training_step), so they are copied only then; the run's last weights would not do, as
+            # steps after the first non-finite loss may still move them.
+            loss_value = loss.detach().float().item()
+            self.monitor.record_micro_loss(torch.tensor(loss_value))
+            if kept is not None and not math.isfinite(loss_value):
+                weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                kept["batch"] = {k: v.cpu() for k, v in kept["batch"].items()}
+                self.first_nonfinite_batch = {"step": self.state.global_step + 1, "weights": weights, **kept}
         return loss
 
     def _unscale_once(self, model):

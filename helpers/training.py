@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import set_seed
+from transformers import DataCollatorWithFlattening, set_seed
 
 from helpers import data as data_mod
 from helpers.checkpoints import (ADAPTER_STAGING_NAME, check_resumable, check_space_for_run, checkpoint_step,
                                  choose_checkpoint, data_identity, lock_output_folder, record_run_inputs,
                                  set_aside_earlier_run, tidy_interrupted_writes, write_adapter)
 from helpers.diagnostics import CollapseMonitor, StepRecord
+from helpers.memory import StepPlan, estimate_memory, plan_step
 from helpers.chat_template import attach_chat_template
 from helpers.model_card import adapter_readme
 from helpers.models import load_model, lora_targets, resolve_source
@@ -25,7 +28,10 @@ from helpers.models.base_reference import base_model_reference
 from helpers.outputs import atomic_write_text, package_versions, peak_gpu_memory, shown_path, writing_into
 from helpers.precision import device_description, plan_precision
 from helpers.recipes import Recipe
-from helpers.trainer import LabTrainer, training_arguments
+from helpers.trainer import REAL_TOKENS, LabTrainer, training_arguments
+
+GPU_MEMORY_SHARE = 0.85  # of the GPU's memory, the default budget: the estimate counts tensors, not the allocator's
+#                          reserve, fragmentation or the CUDA context
 
 
 def prepare_lora(model, recipe: Recipe):
@@ -40,6 +46,143 @@ def prepare_lora(model, recipe: Recipe):
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Indices of examples of these ``lengths`` grouped into rows of at most ``row_tokens`` tokens, longest first,
+    each into the first row with room (first-fit decreasing: rows end up nearly full)."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
+        if row is None:
+            rows.append([index])
+            room.append(max(row_tokens, lengths[index]) - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return rows
+
+
+class PackedRows:
+    """The collator of a recipe with ``packing``: a batch's examples end to end, without padding between them, in
+    rows of at most ``row_tokens`` tokens, each row flattened by transformers' ``DataCollatorWithFlattening``.
+
+    No attention mask: ``position_ids`` restart at 0 for every example, and transformers' sdpa and eager masks
+    (masking_utils.find_packed_sequence_indices, 5.23) then let a token attend only to earlier tokens of its own
+    example, in full and sliding-window layers alike; the first label of every example is -100, so no example
+    learns to predict the next one's start. Rows, rather than one row for the whole batch: sdpa and eager attention
+    compute and mask every pair of positions in a row, so a 16k-token row would cost 16k x 16k scores a head and
+    layer. The rows are padded to the longest (few tokens: the rows are nearly full) with a run of pad tokens that
+    restarts its own positions and has no labels. Each batch carries its count of real tokens (REAL_TOKENS).
+    """
+
+    def __init__(self, pad_token_id: int, row_tokens: int):
+        self.pad_token_id, self.row_tokens = pad_token_id, row_tokens
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=data_mod.IGNORE_INDEX)
+
+    def __call__(self, features: list[dict]) -> dict:
+        rows = pack_rows([len(f["input_ids"]) for f in features], self.row_tokens)
+        flat = [self.flatten([{"input_ids": features[i]["input_ids"], "labels": features[i]["labels"]} for i in row])
+                for row in rows]
+        width = max(row["input_ids"].shape[1] for row in flat)
+        fill = {"input_ids": self.pad_token_id, "labels": data_mod.IGNORE_INDEX}
+        batch = {}
+        for key in ("input_ids", "labels", "position_ids"):
+            padded = []
+            for row in flat:
+                missing = width - row[key].shape[1]
+                tail = (torch.arange(missing) if key == "position_ids" else torch.full((missing,), fill[key]))
+                padded.append(torch.cat([row[key][0], tail.to(row[key].dtype)]))
+            batch[key] = torch.stack(padded)
+        batch[REAL_TOKENS] = sum(row["input_ids"].shape[1] for row in flat)
+        return batch
+
+
+class CountingCollator:
+    """A padding collator whose batches also carry their count of real tokens (REAL_TOKENS), from the attention
+    mask on the host, so that counting them costs the GPU nothing."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        batch[REAL_TOKENS] = int(batch["attention_mask"].sum())
+        return batch
+
+
+def make_training_collator(tokenizer, recipe: Recipe):
+    """The collator of a run: packed rows for a recipe with ``packing``, the label recipe's padding collator
+    otherwise; both count real tokens."""
+    if recipe.packing:
+        return PackedRows(tokenizer.pad_token_id, recipe.max_length)
+    return CountingCollator(data_mod.make_collator(tokenizer, recipe.labels))
+
+
+def micro_batch_tokens(lengths: list[int], examples: int, recipe: Recipe, draws: int = 64) -> int:
+    """Tokens, padding included, of the largest of ``draws`` micro-batches of ``examples`` drawn from ``lengths``
+    the way the run draws them: at random (packed into rows, or padded to the longest), or grouped by length,
+    where the batch of the longest examples is the largest."""
+    if recipe.group_by_length and not recipe.packing:
+        return examples * max(lengths)
+    draw = random.Random(recipe.seed)
+    largest = 0
+    for _ in range(draws):
+        batch = draw.sample(lengths, min(examples, len(lengths)))
+        if recipe.packing:
+            rows = pack_rows(batch, recipe.max_length)
+            largest = max(largest, len(rows) * max(sum(batch[i] for i in row) for row in rows))
+        else:
+            largest = max(largest, len(batch) * max(batch))
+    return largest
+
+
+def plan_step_size(recipe: Recipe, model, train_split, precision: str) -> tuple[Recipe, StepPlan]:
+    """The recipe with its step size settled, and the memory plan behind it (helpers.memory).
+
+    ``tokens_per_step`` > 0 sets the examples a step (batch_size) to tokens_per_step / (the train split's mean
+    length x gradient_accumulation): batches of a fixed number of examples drawn at random, whose token count
+    varies a little around the target. Before that, the tokens are lowered where the estimated peak of the largest
+    likely micro-batch would not fit the budget (``memory_budget_gib``, or 85% of the GPU; no budget on a CPU),
+    and ``gradient_checkpointing="auto"`` is decided (helpers.memory.plan_step). Every run gets the estimate.
+    """
+    lengths = [len(ids) for ids in train_split["input_ids"]]
+    mean = statistics.fmean(lengths)
+    labelled = (sum(sum(label != data_mod.IGNORE_INDEX for label in row) for row in train_split["labels"])
+                / sum(lengths) if "labels" in train_split.column_names else 1.0)
+    cuda = torch.cuda.is_available()
+    logits = "full" if not recipe.labelled_logits_only else "chunked" if recipe.loss_chunk_rows else "labelled"
+
+    def examples_for(tokens: int) -> int:
+        if not recipe.tokens_per_step:
+            return recipe.batch_size
+        return max(1, round(tokens / (mean * recipe.gradient_accumulation)))
+
+    def estimate_at(tokens: int, checkpointing: bool):
+        micro = micro_batch_tokens(lengths, examples_for(tokens), recipe)
+        return estimate_memory(model.config, micro, quantization=recipe.quantization,
+                               precision="fp32" if precision == "fp16_emulated" else precision,
+                               lora_r=recipe.lora_r, lora_targets=recipe.lora_targets,
+                               lora_dropout=recipe.lora_dropout, gradient_checkpointing=checkpointing,
+                               logits=logits, labelled_share=labelled, loss_chunk_rows=recipe.loss_chunk_rows,
+                               attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
+                               attended_length=recipe.max_length if recipe.packing else max(lengths),
+                               optimizer=recipe.optimizer, device="cuda" if cuda else "cpu")
+
+    budget = recipe.memory_budget_gib or (
+        GPU_MEMORY_SHARE * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        if cuda else None)
+    if recipe.tokens_per_step:
+        plan = plan_step(estimate_at, recipe.tokens_per_step, budget, recipe.gradient_checkpointing)
+    else:  # the batch is the recipe's: only "auto" checkpointing is decided
+        requested = round(recipe.batch_size * recipe.gradient_accumulation * mean)
+        use = recipe.gradient_checkpointing
+        if use == "auto":
+            use = budget is not None and estimate_at(requested, False).total_gib > budget
+        plan = StepPlan(requested, use, estimate_at(requested, use), budget,
+                        f"batch of {recipe.batch_size} as the recipe has it")
+    return replace(recipe, batch_size=examples_for(plan.tokens_per_step),
+                   gradient_checkpointing=plan.gradient_checkpointing), plan
 
 
 def setup_wandb(out_dir: Path, project: str = "korean-qlora-lab") -> str:
@@ -136,6 +279,11 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
                                                       max_rows=max_rows, verbose=verbose)
     tokenized = data_mod.tokenize_dataset(dataset, tokenizer, recipe.labels, recipe.template, recipe.max_length)
     attach_chat_template(tokenizer, recipe.template)  # the saved tokenizer then prompts as training did
+    recipe, step_plan = plan_step_size(recipe, model, tokenized["train"], precision)
+    if verbose:
+        print(f"step: {recipe.batch_size} examples x {recipe.gradient_accumulation} (~{step_plan.tokens_per_step:,} "
+              f"tokens), gradient checkpointing {'on' if recipe.gradient_checkpointing else 'off'} "
+              f"({step_plan.reason}); {step_plan.estimate.summary()}")
     model = prepare_lora(model, recipe)
     base_model = _name_base_model(model, model_id, revision, verbose)
     if verbose:
@@ -151,8 +299,9 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
     trainer = LabTrainer(
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"] if recipe.eval_steps > 0 else None,
-        data_collator=data_mod.make_collator(tokenizer, recipe.labels), callbacks=[monitor, *(callbacks or [])],
-        monitor=monitor, emulate_fp16=plan.emulate_fp16, labelled_logits_only=recipe.labelled_logits_only)
+        data_collator=make_training_collator(tokenizer, recipe), callbacks=[monitor, *(callbacks or [])],
+        monitor=monitor, emulate_fp16=plan.emulate_fp16, labelled_logits_only=recipe.labelled_logits_only,
+        loss_chunk_rows=recipe.loss_chunk_rows)
     trainer.checkpoint_bytes = checkpoint_bytes
     if checkpoint and trainer.loss_scaler is not None and (Path(checkpoint) / "loss_scale.json").exists():
         vars(trainer.loss_scaler).update(json.loads((Path(checkpoint) / "loss_scale.json").read_text()))
@@ -182,6 +331,11 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         "resumed_from": shown_path(checkpoint, out_dir) if checkpoint else None,
         "adapter_dir": shown_path(adapter_dir, out_dir) if save_adapter else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer": str(trainer.args.optim.value), "real_tokens": trainer.real_tokens_seen,
+        "real_tokens_per_s": round(trainer.real_tokens_seen / wall, 1) if wall > 0 else None,
+        "step_plan": {"tokens_per_step": step_plan.tokens_per_step, "reason": step_plan.reason,
+                      "budget_gib": step_plan.budget_gib},
+        "memory_estimate": step_plan.estimate.as_dict(),
         **peak_gpu_memory(), **notes,
         "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
     }

@@ -1,9 +1,11 @@
 """The fixed recipe's loss from labelled logits only: same value and gradients as the model's own loss."""
 import functools
 import json
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, Trainer
 
 from helpers import data as lab_data
@@ -11,7 +13,7 @@ from helpers import trainer as lab_trainer
 from helpers import training
 from helpers.losses import labelled_logits_loss
 from helpers.precision import plan_precision
-from helpers.recipes import fixed_recipe
+from helpers.recipes import fast_recipe, fixed_recipe
 from helpers.trainer import LabTrainer
 from helpers.training import train
 
@@ -148,3 +150,63 @@ def test_train_passes_the_attention_choice_to_the_loader(tiny_model_dir, tmp_pat
                 save_adapter=False, verbose=False, attn_implementation=asked)
     assert run.summary["attn_implementation"] == expected
     assert json.loads((tmp_path / "run_card.json").read_text())["attn_implementation"] == expected
+
+
+class _HostReads(TorchFunctionMode):
+    """Records each read of a tensor's value into Python or copy to the host made by the code of one file."""
+
+    READS = {"item", "cpu", "__bool__", "__float__", "__int__", "tolist", "numpy"}
+
+    def __init__(self, filename: str):
+        super().__init__()
+        self.filename, self.reads = filename, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename == self.filename:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_one_value_to_the_host_the_loss_and_copies_no_batch(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    # On a GPU each read waits for the queued work to finish. The step used to copy every batch tensor to the host
+    # and test its loss for finiteness (4 reads a step, besides the monitor's); now it reads the loss once, for the
+    # monitor and the replay alike.
+    per_step = []
+    real_step = LabTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        with _HostReads(lab_trainer.__file__) as reads:
+            loss = real_step(self, *args, **kwargs)
+        per_step.append(reads.reads)
+        return loss
+
+    monkeypatch.setattr(LabTrainer, "training_step", counted)
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=4, batch_size=2, logging_steps=1)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=8,
+                save_adapter=False, verbose=False)
+    assert len(per_step) == 4
+    assert per_step[0] == ["__float__", "__float__", "item"]  # the first step also checks labelled logits, once
+    assert per_step[1:] == [["item"]] * 3
+    assert run.trainer.first_nonfinite_batch is None and all(r.finite for r in run.monitor.records)
+
+
+def test_the_fast_recipe_trains_packed_rows_and_counts_real_tokens(tiny_model_dir, tmp_path):
+    recipe = fast_recipe(quantization="none", max_steps=2, tokens_per_step=512, logging_steps=1, loss_chunk_rows=64)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=24,
+                save_adapter=False, verbose=False)
+    card = run.summary
+    assert run.recipe.batch_size == round(512 / _mean_train_length(run)) and card["global_step"] == 2
+    assert card["optimizer"] == ("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch")
+    assert run.trainer.loss_chunk_rows == 64 and run.trainer.labelled_logits_only  # checked on step 1, kept
+    assert card["recipe"]["gradient_checkpointing"] is False  # no budget on a CPU: nothing needs it
+    assert card["memory_estimate"]["logits"] == "chunked" and card["memory_estimate"]["total_gib"] > 0
+    # packed rows have no padding between examples: every token of two steps' examples is counted once
+    assert 0.5 * 2 * 512 < card["real_tokens"] < 2 * 2 * 512
+    assert all(r.finite for r in run.monitor.records)
+
+
+def _mean_train_length(run) -> float:
+    lengths = [len(ids) for ids in run.trainer.train_dataset["input_ids"]]
+    return sum(lengths) / len(lengths)
+
