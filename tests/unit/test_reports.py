@@ -15,6 +15,7 @@ from helpers.diagnostics.first_failure import replay_context, replay_first_failu
 from helpers.diagnostics.traces import learning_rate_bounds, logged_steps, read_trace_table, records_from_rows
 from helpers.notebooks import MAIN_JOB
 from helpers.outputs import project_root
+from helpers.precision import effective_precision
 from helpers.recipes import named_recipe
 
 # What the notebooks trained before their recipe settings defaulted to the recipe's own values (literal, so that a
@@ -214,3 +215,12 @@ def test_notebook_03_trains_the_same_recipes_as_before(tmp_path):
 
 def test_the_main_job_names_the_blog_recipe_instead_of_restating_it():
     assert set(main_job_parameters("03_full_train_blog")) == {"recipe_name", "eval_steps", "output_dir"}
+
+
+def test_notebook_04_trains_the_same_two_runs_as_before(tmp_path):
+    collapse = run_cells("04_loss_collapse_investigation", ["c02"], output_dir=str(tmp_path))
+    fp16_run = {**BLOG, "max_steps": 300, "learning_rate": 1e-2, "lora_targets": "all"}
+    assert settings(collapse["blog"]) == fp16_run
+    assert settings(collapse["comparison"]) == {
+        **fp16_run, "max_steps": 45, "precision": "auto",
+        "gradient_checkpointing": effective_precision("fp16") != "fp16_emulated"}
