@@ -56,10 +56,10 @@ def inference_conclusion(summary: dict) -> Markdown:
 
 def smoke_conclusion(summary: dict) -> Markdown:
     """Notebook 02: did the blog recipe train, and does its adapter stop talking."""
+    trainable, total = summary["trainable_parameters"], summary["total_parameters"]
     lines = [f"**The blog recipe trained {summary['global_step']} optimizer steps** in "
              f"{_seconds(summary['wall_seconds'])} ({summary['seconds_per_step']} s a step) on {summary['device']} "
-             f"in {summary['precision']}, updating {summary['trainable_parameters']:,} of "
-             f"{summary['total_parameters']:,} parameters ({summary['trainable_parameters'] / summary['total_parameters']:.2%}) "
+             f"in {summary['precision']}, updating {trainable:,} of {total:,} parameters ({trainable / total:.2%}) "
              f"in {', '.join(summary['lora_targets'])}."]
     logged = summary["logged_losses"]
     if len(logged) > 1:
@@ -100,8 +100,8 @@ def training_conclusion(summary: dict) -> Markdown:
     else:
         lines.append("No eval loss was computed (eval_steps 0): notebook 05 scores this adapter.")
     if summary["stopped_at"] is not None:
-        lines.append(f"The collapse monitor stopped the run at step {summary['stopped_at']} ({summary['collapse_text']}) "
-                     f"and saved the adapter of the last step with a finite loss.")
+        lines.append(f"The collapse monitor stopped the run at step {summary['stopped_at']} "
+                     f"({summary['collapse_text']}) and saved the adapter of the last step with a finite loss.")
     else:
         lines.append(f"Collapse monitor: {summary['collapse_text']}.")
     lines.append(f"The adapter is in `{summary['adapter_dir']}` beside `run_card.json`; notebook 05 compares it "
@@ -133,11 +133,14 @@ def evaluation_conclusion(summary: dict) -> Markdown:
         if label == "base":
             continue
         lines.append(f"- **{label}**: {row['share_ended_with_eos']:.0%} ended with EOS "
-                     f"({row['share_ended_with_eos'] - base['share_ended_with_eos']:+.0%} points), answer "
+                     f"({100 * (row['share_ended_with_eos'] - base['share_ended_with_eos']):+.0f} points), answer "
                      f"perplexity {row['answer_perplexity']:.2f} ({row['perplexity_change_vs_base']:+.0%}), "
                      f"morpheme F1 {row['morpheme_f1']:.3f} (base {base['morpheme_f1']:.3f}), repeated 3-grams "
                      f"{row['repeated_3gram_share']:.2f} (base {base['repeated_3gram_share']:.2f}), "
                      f"{row['mean_answer_tokens']:.0f} tokens an answer.")
+    best = min(by_model.values(), key=lambda row: row["answer_perplexity"])
+    lines.append(f"The lowest answer perplexity, the reference answers and their end predicted best, is "
+                 f"**{best['model']}**'s.")
     speeds = [f"{label} {row['mean_tokens_per_s']:.1f} / {row['batched_tokens_per_s']:.1f}"
               for label, row in by_model.items() if row.get("mean_tokens_per_s") and row.get("batched_tokens_per_s")]
     if speeds:
@@ -148,14 +151,11 @@ def evaluation_conclusion(summary: dict) -> Markdown:
         lines.append(f"Loading and measuring took {', '.join(took)}"
                      + (f"; the merge check and export {_seconds(summary['merge']['seconds'])}."
                         if summary["merge"] and "seconds" in summary["merge"] else "."))
-    best = min(by_model.values(), key=lambda row: row["answer_perplexity"])
-    lines.append(f"The lowest answer perplexity, the reference answers and their end predicted best, is "
-                 f"**{best['model']}**'s.")
     merge = summary["merge"]
     if merge:
         verdict = "within" if merge["within_tolerance"] else "**outside**"
-        lines.append(f"Merging **{merge['adapter']}** into bf16 moved the logits by {merge['mean_abs_error_merged_bf16']:.4f} "
-                     f"on average against the adapter in fp32, where the unmerged bf16 model moves them by "
+        lines.append(f"Merging **{merge['adapter']}** into bf16 moved the logits by "
+                     f"{merge['mean_abs_error_merged_bf16']:.4f} on average against the adapter in fp32, where the unmerged bf16 model moves them by "
                      f"{merge['mean_abs_error_unmerged_bf16']:.4f}: {verdict} the {merge['tolerance_factor']:g}x "
                      f"tolerance, top-1 agreement {merge['top1_agreement_merged_vs_fp32']:.1%}. The merged model is "
                      f"in `{merge['saved_to']}`.")

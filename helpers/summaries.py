@@ -74,8 +74,9 @@ def collapse_summary(run, comparison_run, failing: dict | None, probe, diagnosis
     }
 
 
-def evaluation_summary(metrics: pd.DataFrame, results: dict, merge_report: dict | None, model_id: str, quantization: str, generated: int, max_new_tokens: int,
-                       repetition_penalty: float, generation_batch_size: int, device: str) -> dict:
+def evaluation_summary(metrics: pd.DataFrame, results: dict, merge_report: dict | None, model_id: str,
+                       quantization: str, generated: int, max_new_tokens: int, repetition_penalty: float,
+                       generation_batch_size: int, device: str) -> dict:
     """Notebook 05: one metrics row per model (with the seconds it took), every answer, and the merge check."""
     return {
         "notebook": "05_inference_eval", "model_id": model_id, "quantization": quantization, "device": device,

@@ -23,8 +23,8 @@ from helpers.recipes import named_recipe
 # fixed one at the notebook's defaults and the main job's blog run (which then restated labels, precision and lr).
 # A setting added to Recipe since is left to the recipe's own default, which the notebooks do not touch.
 BLOG = {"name": "blog", "quantization": "4bit", "precision": "fp16", "compute_dtype": "bf16",
-        "gradient_checkpointing": True, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "attention",
-        "labels": "blog", "template": "koalpaca", "max_length": 512, "batch_size": 2, "gradient_accumulation": 1,
+        "gradient_checkpointing": True, "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.05,
+        "lora_targets": "attention", "labels": "blog", "template": "koalpaca", "max_length": 512, "batch_size": 2, "gradient_accumulation": 1,
         "learning_rate": 1e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
         "optimizer": "paged_adamw_8bit", "max_steps": 50, "epochs": 0.0, "logging_steps": 10, "eval_steps": 0,
         "save_steps": 0, "seed": 42, "group_by_length": False, "labelled_logits_only": False}
@@ -130,7 +130,7 @@ def test_metrics_table_and_evaluation_conclusion_compare_each_adapter_with_the_b
                                            generation_batch_size=20, device="cpu")
     assert summary["answers"] == {"base": [{"answer": "b"}], "fixed recipe": [{"answer": "f"}]}
     text = reports.evaluation_conclusion(summary).data
-    assert "100% ended with EOS (+95% points)" in text and "(-40%)" in text
+    assert "100% ended with EOS (+95 points)" in text and "(-40%)" in text
     assert "**fixed recipe**'s" in text and "**outside** the 2x tolerance" in text
     side = side_by_side(results, [{"instruction": "질문", "output": "답"}], n=1)
     assert side.loc[0].to_dict() == {"question": "질문", "reference": "답", "base": "b", "fixed recipe": "f"}
