@@ -57,7 +57,8 @@ RESULTS = Path("benchmarks/results/train_speed.csv")
 ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-adamw", "fast-unchunked-loss",
         "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-compile", "fast-bf16-weights")
 SETTINGS = ["tokens_per_step", "batch_size", "packing", "gradient_checkpointing", "optimizer", "loss_chunk_rows",
-            "labelled_logits_only", "precision", "quantization", "torch_compile", "labels", "learning_rate"]
+            "labelled_logits_only", "precision", "quantization", "torch_compile", "labels", "learning_rate",
+            "memory_budget_gib"]
 COLUMNS = ["date", "gpu", "model_shape", "weights", "recipe", "tokens_per_s", "seconds_per_step", "peak_gib",
            "estimated_peak_gib", "mfu", "eval_loss", "eval_at_tokens", "torch", "transformers", "peft", "bitsandbytes",
            *SETTINGS, "attn_implementation", "timed_steps", "steps", "train_tokens", "flops_per_token",
@@ -150,7 +151,8 @@ class StepClock(TrainerCallback):
 
 
 def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens: int, warmup_steps: int,
-                timed_steps: int, attn: str | None, work: Path, tokens_per_step: int | None = None) -> dict:
+                timed_steps: int, attn: str | None, work: Path, tokens_per_step: int | None = None,
+                memory_budget_gib: float | None = None) -> dict:
     """One row in this process: train, time, evaluate; the CSV row as a dict."""
     from helpers.data import load_instructions, prepare_tokenizer, tokenize_dataset
     from helpers.evaluation import answer_perplexity
@@ -164,6 +166,8 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     recipe = row_recipe(row)
     if tokens_per_step and recipe.tokens_per_step:
         recipe = replace(recipe, tokens_per_step=tokens_per_step)
+    if memory_budget_gib:
+        recipe = replace(recipe, memory_budget_gib=memory_budget_gib)
     plan = plan_precision(recipe.precision, recipe.compute_dtype, recipe.quantization)
     model, tokenizer = load_model(model_id, quantization=recipe.quantization, precision=plan.load_precision,
                                   attn_implementation=attn, verbose=False)
@@ -175,7 +179,7 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     lengths = [len(ids) for ids in tokenize_dataset(dataset["train"], tokenizer, recipe.labels, recipe.template,
                                                     recipe.max_length)["input_ids"]]
     per_step = recipe.tokens_per_step or recipe.batch_size * recipe.gradient_accumulation * statistics.fmean(lengths)
-    steps = max(warmup_steps + timed_steps, math.ceil(1.25 * train_tokens / per_step) + 1)  # steps vary in size
+    steps = max(warmup_steps + timed_steps, math.ceil(1.1 * train_tokens / per_step) + 1)  # steps vary in size
     recipe = replace(recipe, max_steps=steps, logging_steps=max(10, steps // 10), save_steps=0, eval_steps=0)
 
     eval_rows = list(dataset["eval"])
@@ -211,7 +215,8 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
 
 
 def run_all(rows, shape: str, model_id: str, weights: str, train_tokens: int, warmup_steps: int, timed_steps: int,
-            attn: str | None, results: Path, work: Path, tokens_per_step: int | None = None) -> list[dict]:
+            attn: str | None, results: Path, work: Path, tokens_per_step: int | None = None,
+            memory_budget_gib: float | None = None) -> list[dict]:
     """Each row in its own process, one after another; each finished row appended to ``results`` at once."""
     work.mkdir(parents=True, exist_ok=True)
     measured = []
@@ -222,7 +227,8 @@ def run_all(rows, shape: str, model_id: str, weights: str, train_tokens: int, wa
                    "--model", model_id, "--weights", weights, "--train-tokens", str(train_tokens),
                    "--warmup-steps", str(warmup_steps), "--timed-steps", str(timed_steps), "--work", str(work),
                    "--result", str(part)] + (["--attn", attn] if attn else []) + \
-            (["--tokens-per-step", str(tokens_per_step)] if tokens_per_step else [])
+            (["--tokens-per-step", str(tokens_per_step)] if tokens_per_step else []) + \
+            (["--memory-budget-gib", str(memory_budget_gib)] if memory_budget_gib else [])
         print(f"== {shape} {row}", flush=True)
         started = time.time()
         done = subprocess.run(command)
@@ -262,13 +268,14 @@ def main(argv=None) -> int:
     parser.add_argument("--timed-steps", type=int, default=10, help="at least this many steps timed")
     parser.add_argument("--attn", help="attention implementation (default: the loader's choice per architecture)")
     parser.add_argument("--tokens-per-step", type=int, help="instead of the fast rows' 16,384 tokens a step")
+    parser.add_argument("--memory-budget-gib", type=float, help="the recipes' memory budget (default: 85%% of the GPU)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="(all) the CSV the rows are appended to")
     parser.add_argument("--work", type=Path, default=Path("outputs/train_speed"), help="run folders, per-process JSON")
     parser.add_argument("--result", type=Path, help="(one) where to write its JSON")
     args = parser.parse_args(argv)
     if args.step == "one":
         result = measure_one(args.row, args.shape, args.model, args.weights, args.train_tokens, args.warmup_steps,
-                             args.timed_steps, args.attn, args.work, args.tokens_per_step)
+                             args.timed_steps, args.attn, args.work, args.tokens_per_step, args.memory_budget_gib)
         args.result.write_text(json.dumps(result, default=str))
         return 0
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
@@ -276,7 +283,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     measured = run_all(rows, args.shape, args.model, args.weights, args.train_tokens, args.warmup_steps,
-                       args.timed_steps, args.attn, args.results, args.work, args.tokens_per_step)
+                       args.timed_steps, args.attn, args.results, args.work, args.tokens_per_step,
+                       args.memory_budget_gib)
     return 0 if len(measured) == len(rows) else 1
 
 
