@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
 
+from helpers.collators import PackedRows, pack_rows
 from helpers.losses import labelled_logits_loss
 from helpers.trainer import REAL_TOKENS
-from helpers.training import PackedRows, pack_rows
 
 PAD = 0
 
