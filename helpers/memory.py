@@ -41,7 +41,7 @@ fp32 tanh as well (18; the model's own loss caps in 16 bits: 16). Without a back
 Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
 CPU in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on an H200
 (docs/measurements/real_shapes_h200_2026-12-01.md: polyglot-ko-12.8b 4-bit batch 4 with checkpointing 8.2 GiB,
-5.8b 4.3 GiB; ../reference perf_h200_2026-12: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB, and the
+5.8b 4.3 GiB; the H200 speed figures of 2026-12-01: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB, the
 plain PyTorch loop at 16,384 tokens 42.2 GiB and 65,536 tokens 130.9 GiB), all within 15% at the token counts
 the test states. The head_dim > 128 fallback is inferred from the last two, not observed directly.
 """

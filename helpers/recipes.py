@@ -101,7 +101,7 @@ def fast_recipe(**overrides) -> Recipe:
     is measured (benchmarks/train_speed.py).
 
     Why 16,384 tokens: on an H200 a plain PyTorch loop over the 270M shape ran 74k tokens/s at 16,384 tokens a
-    step and 78k at 65,536 (../reference perf_h200_2026-12): most of the gain is there, in a quarter of the memory.
+    step and 78k at 65,536 (H200 speed figures, 2026-12-01): most of the gain is there, in a quarter of the memory.
     A step then holds ~130 shipped examples: the learning rate is the fixed recipe's, tuned at batch 4, so check
     the eval loss (the benchmark reports it after equal training tokens) before trusting it on a long run.
     """
