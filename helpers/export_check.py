@@ -205,13 +205,14 @@ def check_files(files: dict[str, Path], merged_dir: str | Path, data: str = "shi
     rows = list(load_instructions(data, verbose=False)[0]["eval"].select(range(n_questions)))
     print(f"checking with llama.cpp on {len(rows)} eval questions (first {max_new_tokens} greedy tokens)")
     reference = transformers_reference(merged_dir, rows, max_new_tokens)
-    print(f"  merged model in transformers (fp32): {reference['seconds']:.0f} s")
+    print(f"  merged model in transformers (fp32): {reference['seconds']:.0f} s", flush=True)
     results, trips = {}, {}
     for gguf_type, path in files.items():
-        results[gguf_type] = check_gguf(path, merged_dir, rows, max_new_tokens, reference)
+        result = results[gguf_type] = check_gguf(path, merged_dir, rows, max_new_tokens, reference)
+        print(f"  {path.name}: llama.cpp {result['seconds']:.0f} s, identical {result['identical_share']:.1%}, "
+              f"perplexity {result['perplexity_relative_difference']:+.2%} vs merged", flush=True)
         if gguf_type in round_trip_types:
             trips[gguf_type] = round_trip(path, rows, reference, max_new_tokens)
-        print(f"  {path.name}: llama.cpp {results[gguf_type]['seconds']:.0f} s")
     print(check_table(results))
     for gguf_type, trip in trips.items():
         print(f"transformers' GGUF loader, {gguf_type}: " + (trip["error"] if not trip["loaded"] else
