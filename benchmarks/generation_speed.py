@@ -27,7 +27,6 @@ than weight bytes / copy bandwidth, with the copy bandwidth measured in the same
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results_csv import append_rows
 
 METHODS = ("generate", "static", "blog")
 RESULTS = Path("benchmarks/results/generation_speed.csv")
@@ -191,7 +192,7 @@ def run_all(shape: str, model_id: str, methods, batches, new_tokens: int, repeat
                 row["identical_prefix_tokens"] = round(statistics.mean(
                     _identical_prefix(tokenizer, a, b) for a, b in zip(texts, plain)), 1)
             rows.append(row)
-    append_rows(results, rows)
+    append_rows(results, rows, COLUMNS)
     return rows
 
 
@@ -212,16 +213,6 @@ def _identical_prefix(tokenizer, answer: str, plain: str) -> int:
             break
         same += 1
     return same
-
-
-def append_rows(path: Path, rows: list[dict]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None) -> int:

@@ -40,7 +40,6 @@ What each column measures:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -52,6 +51,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from benchmarks.results_csv import append_rows
 
 RESULTS = Path("benchmarks/results/train_speed.csv")
 ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-adamw", "fast-unchunked-loss",
@@ -236,22 +237,12 @@ def run_all(rows, shape: str, model_id: str, weights: str, train_tokens: int, wa
             print(f"{shape} {row}: failed with exit code {done.returncode}", flush=True)
             continue
         result = json.loads(part.read_text())
-        append_rows(results, [result])
+        append_rows(results, [result], COLUMNS)
         measured.append(result)
         print(f"{shape} {row}: {result['tokens_per_s']} tokens/s, {result['seconds_per_step']} s/step, peak "
               f"{result['peak_gib']} GiB (estimated {result['estimated_peak_gib']}), mfu {result['mfu']}, eval loss "
               f"{result['eval_loss']} ({time.time() - started:.0f} s)", flush=True)
     return measured
-
-
-def append_rows(path: Path, rows: list[dict]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None) -> int:
