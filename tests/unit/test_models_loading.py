@@ -1,4 +1,5 @@
 """What the loader refuses, and what it picks: custom code, missing tokenizers, mistyped paths, attention."""
+import ast
 import json
 import os
 import subprocess
@@ -105,13 +106,19 @@ def test_custom_code_refusal_names_folder_and_files(tmp_path):
 
 
 def test_every_from_pretrained_in_the_loader_passes_trust_remote_code_false():
-    # Read the source rather than trust a single path through it: each call must say so itself.
-    source = "\n".join(path.read_text() for path in sorted(Path(models.__file__).parent.glob("*.py")))
-    lines = [line for line in source.splitlines() if ".from_pretrained(" in line]
-    assert lines, "the loader calls from_pretrained somewhere"
-    for line in lines:
-        call = source[source.index(line):].split(")\n", 1)[0]
-        assert "trust_remote_code=False" in call, line
+    # Read the source rather than trust a single path through it: each call must say so itself. The syntax tree
+    # sees calls only, so a docstring that names from_pretrained is not mistaken for one.
+    calls = []
+    for path in sorted(Path(models.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
+                calls.append((path.name, node))
+    assert len(calls) >= 3, "the loader calls from_pretrained for config, tokenizer and model"
+    for file_name, call in calls:
+        keywords = {keyword.arg: keyword.value for keyword in call.keywords}
+        assert "trust_remote_code" in keywords, f"{file_name}:{call.lineno}"
+        assert isinstance(keywords["trust_remote_code"], ast.Constant), f"{file_name}:{call.lineno}"
+        assert keywords["trust_remote_code"].value is False, f"{file_name}:{call.lineno}"
 
 
 # --- a folder without tokenizer files ----------------------------------------------------------------------------
