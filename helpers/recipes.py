@@ -4,7 +4,7 @@ blog posts), :func:`fixed_recipe` (the project's fix) and :func:`fast_recipe` (t
 :func:`named_recipe` picks one by name."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from helpers.data import check_label_recipe
 from helpers.models import QUANTIZATIONS
@@ -118,4 +118,8 @@ def named_recipe(name: str, **overrides) -> Recipe:
     recipe's own value, so a notebook parameter set to None means "as the recipe has it"."""
     if name not in NAMED_RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(NAMED_RECIPES)}")
+    unknown = sorted(set(overrides) - {field.name for field in fields(Recipe)})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a Recipe setting; the settings are "
+                         f"{', '.join(field.name for field in fields(Recipe))}")
     return NAMED_RECIPES[name](**{key: value for key, value in overrides.items() if value is not None})

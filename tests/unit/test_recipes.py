@@ -22,6 +22,9 @@ def test_named_recipe_gives_the_recipe_of_that_name_and_ignores_overrides_of_non
 def test_named_recipe_validates_its_overrides():
     with pytest.raises(ValueError, match="max_steps must be > 0"):
         named_recipe("blog", max_steps=0)
+    # A misspelt setting (a notebook's recipe_overrides, a config file) is named, with the settings there are.
+    with pytest.raises(ValueError, match=r"learnig_rate: not a Recipe setting; the settings are name, .*learning_rate"):
+        named_recipe("fixed", learnig_rate=1e-4)
 
 
 @pytest.mark.parametrize("machine, mode, compute, quantization, effective, load", [
