@@ -30,13 +30,15 @@ def labelled_logits_loss(model, inputs: dict, num_items_in_batch=None, chunk_row
     # No cache: a loss needs none, and with one transformers ignores the restarting positions of packed rows.
     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True,
                     logits_to_keep=1, use_cache=False)
-    head = model.get_output_embeddings()
+    # Under DDP the forward goes through the wrapper (it syncs the gradients); the head is the wrapped model's.
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
     hidden = outputs.hidden_states[-1][:, :-1][keep]
     if head.weight.is_floating_point():
         # Mixed precision hands back fp32 hidden states (accelerate casts a model's outputs to fp32) while a bf16
         # model's head stays bf16; the model's own loss runs its head inside autocast, this one runs outside it.
         hidden = hidden.to(head.weight.dtype)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
     targets = targets[keep].to(hidden.device)
     if chunk_rows <= 0 or hidden.shape[0] <= chunk_rows:
         loss = _loss_sum(hidden, targets, head, cap)

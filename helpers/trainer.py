@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from helpers.checkpoints import SAVE_TOTAL_LIMIT, STAGING_NAME, write_completion_marker
 from helpers.diagnostics import rng_state
+from helpers.distributed import barrier, mean_across_processes
 from helpers.fp16_emulation import DynamicLossScale, fp16_range
 from helpers.losses import LABELLED_LOGITS_CHECK_TOKENS, labelled_logits_loss
 from helpers.outputs import folder_bytes, publish_folder, writing_into
@@ -96,6 +98,15 @@ class LabTrainer(Trainer):
         self._staging_root = None   # set while a checkpoint is written (see _save_checkpoint)
         self.checkpoint_bytes = None  # size of a checkpoint, estimated, then measured on the first one
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Relies on Trainer grouping by length in mega-batches of the per-process batch, and on accelerate handing
+        # the sampler's batches to the processes in turn: grouped by N x the batch, N processes then see, step by
+        # step, the examples one process of N x the batch would.
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and self.args.world_size > 1:
+            sampler.batch_size *= self.args.world_size
+        return sampler
+
     def loss_scale(self):
         if self.loss_scaler is not None:
             return self.loss_scaler.scale
@@ -121,7 +132,7 @@ class LabTrainer(Trainer):
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-                ours = float(labelled_logits_loss(model, sample, num_items_in_batch))
+                ours = float(self._labelled_loss(model, sample, num_items_in_batch))
                 torch.set_rng_state(state[0])
                 for device, cuda_state in zip(devices, state[1]):
                     torch.cuda.set_rng_state(cuda_state, device)
@@ -137,8 +148,17 @@ class LabTrainer(Trainer):
         # model takes it; do the same.
         num_items_in_batch = num_items_in_batch if self.model_accepts_loss_kwargs else None
         if not return_outputs and self._use_labelled_logits(model, inputs, num_items_in_batch):
-            return labelled_logits_loss(model, inputs, num_items_in_batch, chunk_rows=self.loss_chunk_rows)
+            return self._labelled_loss(model, inputs, num_items_in_batch, chunk_rows=self.loss_chunk_rows)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _labelled_loss(self, model, inputs, num_items_in_batch, chunk_rows=0):
+        # Relies on Trainer counting num_items_in_batch over every process (average_tokens_across_devices) and
+        # scaling the loss by the process count, as Trainer.compute_loss does, so that DDP's mean of the processes'
+        # gradients is the gradient of the whole step's loss.
+        loss = labelled_logits_loss(model, inputs, num_items_in_batch, chunk_rows=chunk_rows)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Relies on Trainer's evaluation loop taking each batch's (loss, logits, labels) from prediction_step.
@@ -183,7 +203,8 @@ class LabTrainer(Trainer):
             # whether this step is the first to keep. The weights it met are still in the model (the optimizer
             # steps after training_step), so they are copied only then; the run's last weights would not do, as
             # steps after the first non-finite loss may still move them.
-            loss_value = loss.detach().float().item()
+            # With several processes, the mean over all of them: the step's loss, seen alike by every monitor.
+            loss_value = mean_across_processes(loss.detach().float().item())
             self.monitor.record_micro_loss(torch.tensor(loss_value))
             if kept is not None and not math.isfinite(loss_value):
                 weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -242,25 +263,34 @@ class LabTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into checkpoints/staging, check it, then rename it into place: a run killed or
-        out of space while saving leaves the earlier checkpoints as they were and no half checkpoint."""
-        # Relies on Trainer._save_checkpoint writing all into <_get_output_dir>/checkpoint-<step>.
+        out of space while saving leaves the earlier checkpoints as they were and no half checkpoint. With several
+        processes, each writes its own files there (its random state) and the main process alone publishes."""
+        # Relies on Trainer._save_checkpoint writing all into <_get_output_dir>/checkpoint-<step>, from every
+        # process (rng_state_<rank>.pth) and the rest from the process that should_save.
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        main = self.args.should_save
         self._staging_root = run_dir / STAGING_NAME
         staged = self._staging_root / name
-        shutil.rmtree(staged, ignore_errors=True)
+        if main:
+            shutil.rmtree(staged, ignore_errors=True)
+        barrier()  # nobody writes into the staging folder before it is emptied
         try:
             with writing_into(run_dir, name, needed=self.checkpoint_bytes, intact="every earlier checkpoint",
-                              partial=staged):
+                              partial=staged if main else None):
                 super()._save_checkpoint(model, trial)
-                if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
-                    (staged / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
-                write_completion_marker(staged)
-                publish_folder(staged, run_dir / name)
+                barrier()  # every process's files are in
+                if main:
+                    if self.loss_scaler is not None:  # the emulated scale is part of the state a resume needs
+                        (staged / "loss_scale.json").write_text(json.dumps(vars(self.loss_scaler)))
+                    write_completion_marker(staged)
+                    publish_folder(staged, run_dir / name)
         finally:
-            if self._staging_root.is_dir() and not any(self._staging_root.iterdir()):
+            if main and self._staging_root.is_dir() and not any(self._staging_root.iterdir()):
                 self._staging_root.rmdir()
             self._staging_root = None
-        self.checkpoint_bytes = folder_bytes(run_dir / name)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        barrier()  # published before any process goes on
+        if main:
+            self.checkpoint_bytes = folder_bytes(run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)

@@ -17,13 +17,13 @@ from transformers import set_seed
 
 from helpers import data as data_mod
 from helpers.chat_template import attach_chat_template
-from helpers.checkpoints import (ADAPTER_STAGING_NAME, check_resumable, check_space_for_run, checkpoint_step,
-                                 choose_checkpoint, data_identity, lock_output_folder, record_run_inputs,
-                                 set_aside_earlier_run, tidy_interrupted_writes, write_adapter)
+from helpers.checkpoints import ADAPTER_STAGING_NAME, check_space_for_run, checkpoint_step, write_adapter
 from helpers.collators import make_training_collator, pack_rows
 from helpers.diagnostics import CollapseMonitor, StepRecord
+from helpers.distributed import is_main_process, start_processes, sum_across_processes, world_size
 from helpers.memory import StepPlan, estimate_memory, plan_step
 from helpers.model_card import adapter_readme
+from helpers.multi_process import StopTogether, monitor_folder, open_run_folder
 from helpers.models import load_model, lora_targets, resolve_source
 from helpers.models.base_reference import base_model_reference
 from helpers.outputs import atomic_write_text, package_versions, peak_gpu_memory, shown_path, writing_into
@@ -162,29 +162,22 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
     """
     recipe.validate()
     data_mod.check_source(data)  # fail before loading a model
-    out_dir = Path(out_dir)
+    out_dir, verbose = Path(out_dir), verbose and is_main_process()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    lock = lock_output_folder(out_dir)
+    start_processes()  # several processes (accelerate launch): the main one writes out_dir (helpers.multi_process)
+    folder = open_run_folder(out_dir, recipe, data, max_rows, resume, verbose)
     try:
-        tidy_interrupted_writes(out_dir)
-        checkpoint, skipped = choose_checkpoint(out_dir, resume, verbose)
-        inputs = data_identity(data, data_mod.file_sha256(data), max_rows)
-        if checkpoint is not None:
-            check_resumable(out_dir, recipe, inputs)
-            set_aside = None
-        else:
-            set_aside = set_aside_earlier_run(out_dir, verbose)
-        with writing_into(out_dir, "recipe.json"):
-            record_run_inputs(out_dir, recipe, inputs)
         set_seed(recipe.seed)
         return _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows,
-                                       checkpoint, model, tokenizer, save_adapter, verbose, callbacks,
-                                       notes={"took_over_lock_of": lock.took_over, "skipped_checkpoints": skipped,
-                                              "earlier_run_moved_to": set_aside, "data_sha256": inputs["data_sha256"]},
+                                       folder.checkpoint, model, tokenizer, save_adapter, verbose, callbacks,
+                                       notes={"took_over_lock_of": getattr(folder.lock, "took_over", None),
+                                              "skipped_checkpoints": folder.skipped,
+                                              "earlier_run_moved_to": folder.set_aside,
+                                              "data_sha256": folder.inputs["data_sha256"]},
                                        attn_implementation=attn_implementation)
     finally:
-        lock.release()
+        folder.release()
 
 
 def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to, on_collapse, max_rows, checkpoint,
@@ -219,17 +212,20 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
     if verbose:
         model.print_trainable_parameters()
     staged_adapter = out_dir / ADAPTER_STAGING_NAME
-    checkpoint_bytes = check_space_for_run(out_dir, recipe, model, tokenizer, staged_adapter, save_adapter)
+    main = is_main_process()
+    checkpoint_bytes = (check_space_for_run(out_dir, recipe, model, tokenizer, staged_adapter, save_adapter)
+                        if main else None)
     if report_to == "wandb":
         setup_wandb(out_dir)
     # A resumed run keeps the trace up to its checkpoint, so its curve continues the first run's.
     previous = _trace_until(out_dir / "trace.jsonl", checkpoint_step(checkpoint)) if checkpoint else []
-    monitor = CollapseMonitor(out_dir, on_collapse=on_collapse, wandb_log=report_to == "wandb", previous=previous)
+    monitor = CollapseMonitor(monitor_folder(out_dir), on_collapse=on_collapse, wandb_log=report_to == "wandb",
+                              previous=previous)
     args = training_arguments(recipe, out_dir / "checkpoints", plan, report_to, run_name=out_dir.name)
     trainer = LabTrainer(
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"] if recipe.eval_steps > 0 else None,
-        data_collator=make_training_collator(tokenizer, recipe), callbacks=[monitor, *(callbacks or [])],
+        data_collator=make_training_collator(tokenizer, recipe), callbacks=[monitor, *(callbacks or []), StopTogether()],
         monitor=monitor, emulate_fp16=plan.emulate_fp16, labelled_logits_only=recipe.labelled_logits_only,
         loss_chunk_rows=recipe.loss_chunk_rows)
     trainer.checkpoint_bytes = checkpoint_bytes
@@ -245,6 +241,7 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
     adapter_dir = out_dir / "adapter"
     logs = [h for h in trainer.state.log_history if "loss" in h]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    tokens = sum_across_processes(trainer.real_tokens_seen)  # of every process
     summary = {
         "recipe": asdict(recipe), "precision": precision, "model_id": model_id, "revision": revision,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -261,18 +258,19 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         "resumed_from": shown_path(checkpoint, out_dir) if checkpoint else None,
         "adapter_dir": shown_path(adapter_dir, out_dir) if save_adapter else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer": str(trainer.args.optim.value), "real_tokens": trainer.real_tokens_seen,
-        "real_tokens_per_s": round(trainer.real_tokens_seen / wall, 1) if wall > 0 else None,
+        "optimizer": str(trainer.args.optim.value), "real_tokens": tokens,
+        "real_tokens_per_s": round(tokens / wall, 1) if wall > 0 else None, "processes": world_size(),
         "step_plan": {"tokens_per_step": step_plan.tokens_per_step, "reason": step_plan.reason,
                       "budget_gib": step_plan.budget_gib},
         "memory_estimate": step_plan.estimate.as_dict(),
         **peak_gpu_memory(), **notes,
         "versions": package_versions(), "device": device_description(), "steps_traced": len(monitor.records),
     }
-    if save_adapter:
+    if save_adapter and main:
         write_adapter(model, staged_adapter, adapter_dir, readme=adapter_readme(summary))
-    with writing_into(out_dir, "run_card.json", intact="the adapter"):
-        atomic_write_text(out_dir / "run_card.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str))
+    if main:
+        with writing_into(out_dir, "run_card.json", intact="the adapter"):
+            atomic_write_text(out_dir / "run_card.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str))
     return RunResult(trainer, model, tokenizer, recipe, precision, monitor, summary)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.distributed import for_fsdp, quantized_device_map
 from helpers.models.custom_code import _check_custom_code, _custom_code_error
 from helpers.models.embedded import EMBEDDED_MODEL
 from helpers.models.errors import ModelLoadError
@@ -120,10 +121,10 @@ def load_model(model_id: str = EMBEDDED_MODEL, revision: str | None = None, quan
     attention = attn_implementation or attention_implementation(config)
     if attention:
         kwargs["attn_implementation"] = attention
-    qconfig = quantization_config(quantization, compute_dtype=prec.dtype)
+    qconfig = for_fsdp(quantization_config(quantization, compute_dtype=prec.dtype), prec.dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = device_map or {"": 0 if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = device_map or quantized_device_map()  # this process's own GPU; None under FSDP
     elif device_map is not None:
         kwargs["device_map"] = device_map
     model = _from_pretrained(AutoModelForCausalLM, source, model_id, revision, **kwargs)
