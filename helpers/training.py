@@ -144,7 +144,7 @@ def train(recipe: Recipe, model_id: str = "embedded", data: str = "shipped", out
           attn_implementation: str | None = None) -> RunResult:
     """Train ``recipe`` and keep the evidence under ``out_dir``: trace.jsonl, the adapter, run_card.json.
 
-    report_to: ``wandb`` (offline by default) or ``none``. on_collapse: ``record`` or ``stop`` (see
+    report_to: ``wandb`` (offline by default) or ``none``. on_collapse: ``record``, ``stop`` or ``rescue`` (see
     :class:`helpers.diagnostics.CollapseMonitor`). model/tokenizer: pass an already loaded base model to skip
     loading. callbacks: more TrainerCallbacks. attn_implementation: None lets ``load_model`` pick per architecture
     (sdpa; eager for Gemma-2/3), or ``sdpa``/``eager``/... to choose; it changes speed and memory, not the math.
@@ -253,6 +253,7 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         "logged_losses": [(h["step"], h["loss"]) for h in logs], "eval_losses": [(h["step"], h["eval_loss"]) for h in evals],
         "final_train_loss": logs[-1]["loss"] if logs else None, "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "collapse": asdict(finding), "collapse_text": finding.text(), "stopped_at": monitor.stopped_at,
+        **monitor.card(),  # the early warning and the rescue (helpers.diagnostics.collapse)
         "final_learning_rate": monitor.records[-1].learning_rate if monitor.records else None,
         "final_loss_scale": monitor.records[-1].loss_scale if monitor.records else None,
         "resumed_from": shown_path(checkpoint, out_dir) if checkpoint else None,

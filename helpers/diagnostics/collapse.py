@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from helpers.diagnostics.early_warning import ActivationWatch, EarlyWarning, WarningRule
+from helpers.diagnostics.rescue import TrainingSnapshot, switch_to_safe_precision
+
 
 @dataclass
 class StepRecord:
@@ -23,6 +26,14 @@ class StepRecord:
     grad_norm: float | None
     logged_loss: float | None = None
     seconds: float | None = None  # wall time since the monitor started
+    # The early warning (fp16 runs only; see helpers.diagnostics.early_warning): the tightest watched layer's fp16
+    # headroom in bits, its name, the estimated steps of margin, and whether the warning was on at this step.
+    headroom_bits: float | None = None
+    headroom_layer: str | None = None
+    margin_steps: float | None = None
+    warning: bool = False
+    precision: str | None = None  # the precision this step ran in (a rescue changes it mid-run)
+    event: str | None = None      # what the monitor did at this step (a rescue)
 
 
 @dataclass
@@ -91,12 +102,18 @@ class CollapseMonitor(TrainerCallback):
     Use with :class:`helpers.trainer.LabTrainer` (which hands it the raw loss before the logging filter).
     on_collapse: ``"record"`` keeps training and records; ``"stop"`` ends the run once the collapse is certain
     (see :meth:`collapse_is_certain`), puts back the adapter weights of the last step with a finite loss, and saves them to ``out_dir/last_good``.
+    ``"rescue"`` (fp16 runs) rolls back to the last good state once the early warning is certain or a loss is not
+    finite, and goes on in a safe precision (:mod:`helpers.diagnostics.rescue`); the switch is the step's ``event``.
+
+    In an fp16 run (real or emulated) the early warning (:mod:`helpers.diagnostics.early_warning`) measures every
+    step's fp16 headroom on the MLP ``down_proj`` layers; the first warning is printed, recorded in the trace and
+    passed to ``Trainer.log`` (so wandb gets it where a run reports there).
     """
 
     def __init__(self, out_dir: str | Path, on_collapse: str = "record", streak: int = 10, wandb_log: bool = False,
-                 previous: list[StepRecord] | None = None):
-        if on_collapse not in ("record", "stop"):
-            raise ValueError("on_collapse must be 'record' or 'stop'")
+                 previous: list[StepRecord] | None = None, rule: WarningRule | None = None, snapshot_every: int = 5):
+        if on_collapse not in ("record", "stop", "rescue"):
+            raise ValueError("on_collapse must be 'record', 'stop' or 'rescue'")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.trace_path = self.out_dir / "trace.jsonl"
@@ -109,6 +126,12 @@ class CollapseMonitor(TrainerCallback):
         self._good_step: int | None = None
         self._pending: dict = {}
         self._started = time.perf_counter()
+        self.rule, self.snapshot_every = rule or WarningRule(), snapshot_every
+        self.precision: str | None = None
+        self.watch: ActivationWatch | None = None
+        self.early: EarlyWarning | None = None
+        self.rescue: dict | None = None
+        self._snapshot: TrainingSnapshot | None = None
 
     def attach(self, trainer):
         self.trainer = trainer
@@ -122,6 +145,19 @@ class CollapseMonitor(TrainerCallback):
     def record_grad_norm(self, grad_norm):
         self._pending["grad_norm"] = None if grad_norm is None else float(grad_norm)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        emulated = getattr(trainer, "loss_scaler", None) is not None
+        self.precision = "fp16_emulated" if emulated else "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+        if self.precision.startswith("fp16") and self.watch is None:
+            self.watch = ActivationWatch(kwargs.get("model") or trainer.model)
+            self.early = EarlyWarning(self.rule)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         losses = self._pending.get("losses", [float("nan")])
@@ -131,11 +167,18 @@ class CollapseMonitor(TrainerCallback):
                             skipped=bool(trainer.accelerator.optimizer_step_was_skipped),
                             learning_rate=float(trainer.lr_scheduler.get_last_lr()[0]), loss_scale=scale,
                             grad_norm=self._pending.get("grad_norm"),
-                            seconds=round(time.perf_counter() - self._started, 3))
+                            seconds=round(time.perf_counter() - self._started, 3), precision=self.precision)
         self._pending = {}
         self.records.append(record)
-        if record.finite and not record.skipped:
-            model = kwargs.get("model") or trainer.model
+        model = kwargs.get("model") or trainer.model
+        assessment = self._assess(record)
+        if self.on_collapse == "rescue" and self.rescue is None and self.watch is not None:
+            healthy = record.finite and not record.skipped and not record.warning
+            if healthy and (self._snapshot is None or record.step % self.snapshot_every == 0):
+                self._snapshot = TrainingSnapshot(trainer, model, record.step)
+            if not record.finite or (assessment is not None and assessment.certain):
+                self._rescue(record, model, "non-finite loss" if not record.finite else "warning certain")
+        if record.finite and not record.skipped and self.on_collapse == "stop":
             self._good_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
             self._good_step = record.step
         with self.trace_path.open("a") as handle:
@@ -149,6 +192,49 @@ class CollapseMonitor(TrainerCallback):
             control.should_training_stop = True
             self.restore_last_good(kwargs.get("model") or trainer.model)
         return control
+
+    def _assess(self, record: StepRecord):
+        if self.watch is None:
+            return None
+        assessment = self.early.assess(record.step, self.watch.read())
+        if assessment is None:
+            return None
+        record.headroom_bits, record.headroom_layer = assessment.headroom_bits, assessment.layer
+        record.margin_steps, record.warning = assessment.margin_steps, assessment.warning
+        if assessment.warning and self.early.first_step == record.step:
+            print(self.early.first_text)
+            self._log({"early_warning/step": record.step, "early_warning/headroom_bits": assessment.headroom_bits,
+                       "early_warning/margin_steps": assessment.margin_steps})
+        return assessment
+
+    def _rescue(self, record: StepRecord, model, reason: str):
+        """Roll back to the last snapshot and go on in the safe precision (helpers.diagnostics.rescue)."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.restore(self.trainer, model)
+        switched_to = switch_to_safe_precision(self.trainer, model)
+        self.watch.remove()
+        self.watch = None
+        self.rescue = {"step": record.step, "reason": reason, "rolled_back_to": snapshot.step if snapshot else None,
+                       "from": self.precision, "to": switched_to}
+        record.event = (f"rescue ({reason}): rolled back to step {self.rescue['rolled_back_to']}, "
+                        f"{self.precision} -> {switched_to}")
+        self.precision = switched_to
+        print(f"step {record.step}: {record.event}")
+        self._log({"rescue/step": record.step, "rescue/rolled_back_to": self.rescue["rolled_back_to"]})
+
+    def _log(self, values: dict):
+        # Through Trainer.log, so every reporting callback (wandb among them) gets it as it gets the loss.
+        if self.trainer is not None and hasattr(self.trainer, "log"):
+            self.trainer.log({k: v for k, v in values.items() if v is not None})
+
+    def card(self) -> dict:
+        """What the run card keeps of the early warning and the rescue."""
+        warned = self.early is not None and self.early.first_step is not None
+        return {"early_warning": {"active": self.early is not None, "rule": vars(self.rule),
+                                  "first_step": self.early.first_step if warned else None,
+                                  "text": self.early.first_text if warned else None},
+                "rescue": self.rescue}
 
     def collapse_is_certain(self) -> bool:
         """A non-finite streak, and the rest of the signature shown: a logged 0.0 and, where there is a loss
