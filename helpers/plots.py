@@ -27,13 +27,16 @@ def loss_and_lr(log_history: list[dict], title: str = "", path=None):
     return _save(fig, path)
 
 
-def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "fixed"):
-    """Logged vs raw loss, learning rate, loss scale and skipped steps on one time axis.
+def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "fixed", rescue=None):
+    """Logged vs raw loss, learning rate, loss scale, skipped steps and (in an fp16 run) the early warning's fp16
+    headroom on one time axis; a dashed line marks the first warning, a dotted one a rescue.
 
-    records: the monitor's StepRecords of the run; compare: StepRecords of a fixed-precision run (optional).
+    records: the monitor's StepRecords of the run; compare: StepRecords of a fixed-precision run (optional);
+    rescue: StepRecords of the same settings run with ``on_collapse="rescue"`` (optional).
     """
     steps = [r.step for r in records]
-    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True)
+    watched = any(r.headroom_bits is not None for r in records)
+    fig, axes = plt.subplots(5 if watched else 4, 1, figsize=(10, 11 if watched else 9), sharex=True)
     raw = [r.raw_loss if math.isfinite(r.raw_loss) else float("nan") for r in records]
     axes[0].plot(steps, raw, lw=0.8, label="raw step loss (finite only)")
     logged = [(r.step, r.logged_loss) for r in records if r.logged_loss is not None]
@@ -42,9 +45,11 @@ def collapse_timeline(records, title: str = "", path=None, compare=None, compare
     bad = [r.step for r in records if not r.finite]
     if bad:
         axes[0].scatter(bad, [0] * len(bad), marker="x", color="red", s=12, label="non-finite step")
-    if compare:
-        axes[0].plot([r.step for r in compare], [r.raw_loss for r in compare], lw=0.8, label=f"raw loss, {compare_label}")
-    axes[0].set_ylabel("loss"); axes[0].legend(fontsize=8); axes[0].set_title(title)
+    for other, label in ((compare, f"raw loss, {compare_label}"), (rescue, "raw loss, rescued run")):
+        if other:
+            axes[0].plot([r.step for r in other], [r.raw_loss if math.isfinite(r.raw_loss) else float("nan")
+                                                   for r in other], lw=0.8, label=label)
+    axes[0].set_ylabel("loss"); axes[0].set_title(title)
     axes[1].plot(steps, [r.learning_rate for r in records], label="fp16 run")
     if compare:
         axes[1].plot([r.step for r in compare], [r.learning_rate for r in compare], label=compare_label)
@@ -55,7 +60,23 @@ def collapse_timeline(records, title: str = "", path=None, compare=None, compare
     axes[2].set_ylabel("loss scale")
     skipped = [int(r.skipped) for r in records]
     axes[3].bar(steps, skipped, width=1.0, color="tab:red")
-    axes[3].set_ylabel("step skipped"); axes[3].set_xlabel("optimizer step")
+    axes[3].set_ylabel("step skipped")
+    if watched:
+        for run, label in ((records, "fp16 run"), (rescue, "rescued run")):
+            points = [(r.step, max(r.headroom_bits, -1.0)) for r in run or [] if r.headroom_bits is not None]
+            if points:
+                axes[4].plot(*zip(*points), lw=0.8, label=label)
+        axes[4].axhline(0.0, color="black", lw=0.8)
+        axes[4].set_ylabel("fp16 headroom (bits)"); axes[4].legend(fontsize=8)
+    warned = next((r.step for r in records if r.warning), None)
+    rescued = next((r.step for r in rescue or [] if r.event), None)
+    for ax in axes:
+        if warned is not None:
+            ax.axvline(warned, color="tab:orange", ls="--", lw=0.8, label="early warning" if ax is axes[0] else None)
+        if rescued is not None:
+            ax.axvline(rescued, color="tab:green", ls=":", lw=1.0, label="rescue" if ax is axes[0] else None)
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     return _save(fig, path)
 

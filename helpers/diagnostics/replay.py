@@ -117,9 +117,10 @@ def replay_batch(model, batch, context=None, assume_dtype=torch.float16, weights
 
 def diagnosis(finding: CollapseFinding, records: list[StepRecord], precision: str, probe=None,
               comparison_finding: CollapseFinding | None = None, comparison_precision: str | None = None,
-              comparison_records: list[StepRecord] | None = None) -> str:
+              comparison_records: list[StepRecord] | None = None, rescue_records: list[StepRecord] | None = None) -> str:
     """A plain-language diagnosis built only from a run's measurements (nothing here is canned text about the
-    outcome: each sentence is chosen and filled from the trace)."""
+    outcome: each sentence is chosen and filled from the trace). ``rescue_records``: the trace of the same settings
+    run with ``on_collapse="rescue"``, if there was one."""
     lines = []
     if not finding.collapsed:
         lines.append(f"The {precision} run did not collapse in {finding.steps_seen} steps "
@@ -157,16 +158,72 @@ def diagnosis(finding: CollapseFinding, records: list[StepRecord], precision: st
         if tightest:
             lines.append(f"The replay found no module overflowing; the least headroom was {tightest['headroom']:.3g}x "
                          f"at {tightest['module']}.")
+    lines += _warning_lines(records, finding)
     if comparison_finding is not None and comparison_records:
-        first, last = comparison_records[0].raw_loss, comparison_records[-1].raw_loss
-        if not comparison_finding.collapsed and finding.collapsed:
+        first, last = _loss_ends(comparison_records)
+        diverged = first is not None and last > DIVERGED_RATIO * first
+        if comparison_finding.collapsed:
+            lines.append(f"The {comparison_precision} run collapsed too ({comparison_finding.text()}): fp16's range is "
+                         f"not the whole story at these settings; look at the learning rate.")
+        elif diverged:
+            lines.append(f"The {comparison_precision} run had no non-finite loss but diverged as well (raw loss "
+                         f"{first:.3f} -> {last:.3f}, means of its first and last {ENDS} steps): fp16's range is not "
+                         f"the only problem at this learning rate, and the safe precision alone does not fix the run.")
+        elif finding.collapsed:
             lines.append(f"The same settings in {comparison_precision} ran {comparison_finding.steps_seen} steps "
                          f"with {comparison_finding.nonfinite_steps} non-finite losses (raw loss {first:.3f} -> "
                          f"{last:.3f}): the failure comes from fp16's range, and a precision with fp32's range "
                          "fixes it.")
-        elif comparison_finding.collapsed:
-            lines.append(f"The {comparison_precision} run collapsed too ({comparison_finding.text()}): fp16's range is "
-                         f"not the whole story at these settings; look at the learning rate.")
         else:
             lines.append(f"The {comparison_precision} run was healthy as well ({first:.3f} -> {last:.3f}).")
+    if rescue_records:
+        lines += _rescue_lines(rescue_records, "the rescue run")
     return "\n".join(lines)
+
+
+DIVERGED_RATIO = 1.2  # a run whose raw loss ends 20% above where it began diverged (noise of a few steps is less)
+ENDS = 5              # steps averaged at each end of a run for that comparison
+
+
+def _loss_ends(records: list[StepRecord]) -> tuple[float | None, float | None]:
+    """Mean raw loss of the first and of the last ENDS finite steps."""
+    finite = [r.raw_loss for r in records if r.finite]
+    if not finite:
+        return None, None
+    return sum(finite[:ENDS]) / len(finite[:ENDS]), sum(finite[-ENDS:]) / len(finite[-ENDS:])
+
+
+def _warning_lines(records: list[StepRecord], finding: CollapseFinding) -> list[str]:
+    """What the early warning and a rescue did in this run (nothing where the run had no fp16 to watch)."""
+    if not any(r.headroom_bits is not None for r in records):
+        return []
+    warned = next((r for r in records if r.warning), None)
+    first_bad = finding.first_nonfinite_step
+    if warned is None:
+        line = "The early warning did not fire" + (
+            f", though a loss turned non-finite at step {first_bad}: the overflow came without the watched layers "
+            "running out of headroom first." if first_bad else ".")
+    else:
+        lead = (f", {first_bad - warned.step} steps before the first non-finite loss" if first_bad and
+                first_bad > warned.step else ", and no loss had turned non-finite by the end" if not first_bad
+                else f", {warned.step - first_bad} steps after the first non-finite loss (too late)")
+        line = (f"The early warning fired at step {warned.step}{lead}: {warned.headroom_layer} had "
+                f"{warned.headroom_bits:.2f} bits of fp16 headroom left.")
+    return [line] + _rescue_lines(records, "the run")
+
+
+def _rescue_lines(records: list[StepRecord], which: str) -> list[str]:
+    """A rescue in ``records``: when, what it switched, and whether the run in the safe precision went well."""
+    event = next((r for r in records if r.event), None)
+    if event is None:
+        return [f"With on_collapse='rescue', {which} was never rescued ({len(records)} steps)."] \
+            if which != "the run" else []
+    after = [r for r in records if r.step > event.step]
+    bad_after = sum(not r.finite for r in after)
+    line = (f"At step {event.step} {which} was rescued: {event.event}; {len(after)} steps followed, {bad_after} of "
+            "them non-finite")
+    first, last = _loss_ends(after)
+    if first is not None and last > DIVERGED_RATIO * first:
+        return [line + f", and its raw loss rose from {first:.3f} to {last:.3f}: the rescued run diverges in the "
+                       "safe precision too."]
+    return [line + (f" (raw loss {first:.3f} -> {last:.3f})." if first is not None else ".")]
