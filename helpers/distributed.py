@@ -98,6 +98,14 @@ def start_processes():
     PartialState()
 
 
+def end_processes():
+    """Leave the process group once every process is done (a process that exits while holding it can keep the
+    others, or the launcher, waiting). Nothing to do in a single process."""
+    if _active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _active() -> bool:
     return world_size() > 1 and dist.is_available() and dist.is_initialized()
 

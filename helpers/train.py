@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from helpers.distributed import check_launch, is_main_process
+from helpers.distributed import check_launch, end_processes, is_main_process
 from helpers.run_config import RunConfigError, load_run_config
 
 
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from helpers.training import train  # imports transformers (seconds); --check stays fast without it
 
     run = train(config.recipe, **config.train_kwargs())
+    end_processes()
     if is_main_process():
         card = run.summary
         print(f"{card['collapse_text']}; {card['global_step']} steps on {card['processes']} process(es), "
