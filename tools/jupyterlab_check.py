@@ -5,7 +5,7 @@ Not part of `make test` (it needs a Chromium and the playwright package, neither
 
     pip install playwright            # into any environment; a Chromium from your system package manager will do
     .venv/bin/jupyter lab notebooks/ --no-browser --port 8899 --ServerApp.token=check &
-    python tools/jupyterlab_check.py 01_inference.ipynb --token check --chromium /usr/bin/chromium --shot lab01.png
+    python tools/jupyterlab_check.py 01_inference.ipynb --token check --chromium "$(command -v chromium)" --shot lab01.png
 """
 import argparse
 import time
