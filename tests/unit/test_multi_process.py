@@ -84,11 +84,21 @@ def _start(folder, model_dir, data, processes, batch_size, env=None):
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
+def _kill(process):
+    """SIGKILL the launcher and its workers, as a crash would: torch.distributed.run starts each worker in a session
+    of its own, so killing the launcher's process group alone leaves them training."""
+    children = f"/proc/{process.pid}/task/{process.pid}/children"
+    for pid in open(children).read().split() if os.path.exists(children) else []:
+        os.killpg(int(pid), signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def _finish(process, timeout=1800):  # minutes on a loaded 2-core machine; seconds on a quiet one
     try:
         _, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill(process)
         raise AssertionError("the run did not end (a process waiting for another that stopped?)") from None
     assert process.returncode == 0, err.decode()[-3000:]
 
@@ -146,8 +156,7 @@ def test_two_process_run_killed_resumes_on_two(runs, tiny_model_dir, tmp_path):
         assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    _kill(victim)
     assert SAVE_STEPS + 2 <= len(read_trace(trace)) < 2 * SAVE_STEPS
 
     _finish(_start(folder, tiny_model_dir, runs["data"], processes=2, batch_size=2))
