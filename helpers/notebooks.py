@@ -23,7 +23,9 @@ MAIN_JOB = [
     ("03_full_train", {}, "03_full_train_fixed"),
     # The blog recipe (its own labels, precision and learning rate) on the same steps and batch size; no eval loss
     # (its labels score the prompt too, so it compares with nothing; notebook 05 measures both adapters alike).
-    ("03_full_train", {"recipe_name": "blog", "eval_steps": 0, "output_dir": "outputs/03_full_train/blog"},
+    # Grouped by length and without checkpointing as the fixed run is: both then train on the same batches.
+    ("03_full_train", {"recipe_name": "blog", "eval_steps": 0, "output_dir": "outputs/03_full_train/blog",
+                       "recipe_overrides": {"group_by_length": True, "gradient_checkpointing": False}},
      "03_full_train_blog"),
     ("04_loss_collapse_investigation", {}, None),
     ("05_inference_eval", {}, None),

@@ -82,13 +82,14 @@ def blog_recipe(**overrides) -> Recipe:
 def fixed_recipe(**overrides) -> Recipe:
     """The project's recipe: precision auto (bf16 on a GPU that has it, fp32 otherwise), answer-only labels with
     one trained EOS and a real pad token, cosine schedule with warmup, clipped gradients; for speed, batches
-    grouped by length and vocabulary logits only at trained positions (the same loss, see labelled_logits_loss).
+    grouped by length, vocabulary logits only at trained positions (the same loss, see labelled_logits_loss) and
+    gradient checkpointing only where the memory estimate says the GPU needs it (never on a CPU).
 
     lr 5e-4: on the shipped data with gemma-3-270m (H100, bf16, 1 epoch, batch 4, LoRA r8 on attention) answer
     perplexity was 19.2 at 2e-4, 18.5 at 5e-4 and 18.1 at 1e-3 (docs/measurements/gpu_h100_2026-11-23.md)."""
     base = Recipe(name="fixed", precision="auto", compute_dtype="auto", labels="answer_only", lr_scheduler="cosine",
                   warmup_ratio=0.05, learning_rate=5e-4, optimizer="adamw_torch", group_by_length=True,
-                  labelled_logits_only=True)
+                  labelled_logits_only=True, gradient_checkpointing="auto")
     return replace(base, **overrides).validate()
 
 

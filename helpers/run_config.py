@@ -3,8 +3,11 @@ notebook or from a YAML file (``python -m helpers.train --config run.yaml``), ch
 :class:`~helpers.recipes.Recipe` and the ``train()`` arguments in one place (:func:`run_config`), so the notebook
 and the command line cannot drift apart.
 
-A YAML file may also carry what only the command line needs: ``recipe_overrides`` (any other Recipe field, e.g.
-``tokens_per_step`` or ``lora_dropout``), ``on_collapse`` and ``fsdp`` (see helpers.distributed).
+The parameters name what a run changes most (model, data, recipe, length of training, evaluation, checkpoints,
+output); every other Recipe field (labels, precision, quantization, learning rate, LoRA rank and targets,
+gradient accumulation, checkpointing, seed, ...) goes into ``recipe_overrides``, so the notebook's parameters cell
+stays short and a new Recipe field needs no new parameter. A YAML file may also carry what only the command line
+needs: ``on_collapse`` and ``fsdp`` (see helpers.distributed).
 """
 from __future__ import annotations
 
@@ -25,31 +28,20 @@ PARAMETERS = {
     "revision": (None, str),
     "data": ("shipped", str),
     "recipe_name": ("fixed", str),
-    "labels": (None, str),
-    "precision": (None, str),
     "epochs": (1, NUMBER),
     "max_steps": (0, int),
     "batch_size": (4, int),
-    "quantization": (None, str),
-    "gradient_accumulation": (None, int),
-    "max_length": (None, int),
+    "recipe_overrides": ({}, dict),   # any other Recipe field: {"learning_rate": 2e-4, "gradient_accumulation": 8}
     "attn_implementation": (None, str),
-    "learning_rate": (None, NUMBER),
-    "lora_r": (None, int),
-    "lora_targets": (None, (str, list)),
-    "gradient_checkpointing": (False, (bool, str)),
-    "group_by_length": (True, bool),
     "eval_steps": (100, int),
     "save_steps": (50, int),
     "resume": (True, (bool, str)),
     "max_rows": (None, int),
     "report_to": ("wandb", str),
-    "seed": (42, int),
     "output_dir": ("outputs/03_full_train/fixed", str),
 }
 # Only in a YAML file: what the notebook sets in its own cells.
 COMMAND_LINE_ONLY = {
-    "recipe_overrides": ({}, dict),   # other Recipe fields, e.g. {tokens_per_step: 8192, lora_dropout: 0.0}
     "on_collapse": ("stop", str),     # stop | record (see helpers.diagnostics.CollapseMonitor); notebook 03 stops
     "fsdp": (False, bool),            # true: FSDP-QLoRA, launched with configs/accelerate_fsdp_qlora.yaml
 }
@@ -95,12 +87,16 @@ def check_parameters(given: dict, where: str = "the run configuration") -> dict:
     """Every parameter, with defaults filled in; unknown names and values of the wrong type are refused with a
     message that names them (and the closest known name)."""
     known = {**PARAMETERS, **COMMAND_LINE_ONLY}
+    recipe_fields = [f.name for f in fields(Recipe) if f.name != "name" and f.name not in PARAMETERS]
     unknown = [name for name in given if name not in known]
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = difflib.get_close_matches(str(name), [*known, *recipe_fields], n=1)
+            if close and close[0] in recipe_fields:
+                hints.append(f"{name!r} (a Recipe field: set {close[0]!r} under recipe_overrides)")
+            else:
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise RunConfigError(f"{where}: unknown setting {', '.join(hints)}; known settings: {', '.join(known)}")
     values = {}
     for name, (default, types) in known.items():
@@ -113,9 +109,8 @@ def check_parameters(given: dict, where: str = "the run configuration") -> dict:
         raise RunConfigError(f"report_to: {values['report_to']!r}; choose one of {', '.join(REPORT_TO)}")
     if values["on_collapse"] not in ("stop", "record"):
         raise RunConfigError(f"on_collapse: {values['on_collapse']!r}; choose stop or record")
-    recipe_fields = {f.name for f in fields(Recipe)} - {"name"}
     for name in values["recipe_overrides"]:
-        if name in PARAMETERS or (name == "lora_alpha" and values["lora_r"] is not None):
+        if name in PARAMETERS:
             raise RunConfigError(f"recipe_overrides: {name!r} is set by its own top-level setting; set it there")
         if name not in recipe_fields:
             close = difflib.get_close_matches(str(name), recipe_fields, n=1)
@@ -125,17 +120,11 @@ def check_parameters(given: dict, where: str = "the run configuration") -> dict:
 
 
 def recipe_from_parameters(values: dict) -> Recipe:
-    """The named recipe with the settings the parameters give; None keeps the recipe's own value. LoRA alpha
-    follows the rank (4 x rank) when ``lora_r`` is given."""
-    lora_r = values["lora_r"]
-    return named_recipe(
-        values["recipe_name"], labels=values["labels"], precision=values["precision"], epochs=values["epochs"],
-        max_steps=values["max_steps"], batch_size=values["batch_size"], quantization=values["quantization"],
-        gradient_accumulation=values["gradient_accumulation"], max_length=values["max_length"],
-        learning_rate=values["learning_rate"], lora_r=lora_r, lora_alpha=None if lora_r is None else 4 * lora_r,
-        lora_targets=values["lora_targets"], gradient_checkpointing=values["gradient_checkpointing"],
-        group_by_length=values["group_by_length"], eval_steps=values["eval_steps"], save_steps=values["save_steps"],
-        seed=values["seed"], **values["recipe_overrides"])
+    """The named recipe with the settings the parameters give; a recipe field the parameters leave out keeps the
+    recipe's own value."""
+    return named_recipe(values["recipe_name"], epochs=values["epochs"], max_steps=values["max_steps"],
+                        batch_size=values["batch_size"], eval_steps=values["eval_steps"],
+                        save_steps=values["save_steps"], **values["recipe_overrides"])
 
 
 def run_config(given: dict, where: str = "the run configuration", create_output_dir: bool = True) -> RunConfig:

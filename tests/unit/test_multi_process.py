@@ -70,11 +70,11 @@ def _start(folder, model_dir, data, processes, batch_size, env=None):
     """Start a run of the fixed recipe (fp32, no dropout: the same math however the batch is split) in
     folder/out with `processes` processes; returns the Popen. Its batches are recorded in folder/batches."""
     (folder / "batches").mkdir(parents=True, exist_ok=True)
-    config = {"model_id": str(model_dir), "data": str(data), "recipe_name": "fixed", "quantization": "none",
-              "precision": "fp32", "max_steps": MAX_STEPS, "batch_size": batch_size, "eval_steps": 0,
-              "save_steps": SAVE_STEPS, "report_to": "none", "output_dir": str(folder / "out"),
-              "learning_rate": 1e-3, "recipe_overrides": {"lora_dropout": 0.0, "logging_steps": 2,
-                                                           "optimizer": "adamw_torch"}}
+    config = {"model_id": str(model_dir), "data": str(data), "recipe_name": "fixed", "max_steps": MAX_STEPS,
+              "batch_size": batch_size, "eval_steps": 0, "save_steps": SAVE_STEPS, "report_to": "none",
+              "output_dir": str(folder / "out"),
+              "recipe_overrides": {"quantization": "none", "precision": "fp32", "learning_rate": 1e-3,
+                                   "lora_dropout": 0.0, "logging_steps": 2, "optimizer": "adamw_torch"}}
     (folder / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     (folder / "driver.py").write_text(DRIVER, encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -193,15 +193,19 @@ def test_notebook_03_parameters_are_the_command_line_settings():
 def test_run_configuration_errors_name_the_setting(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("recipe_name: fixed\nlearning_rat: 0.001\n", encoding="utf-8")
-    with pytest.raises(RunConfigError, match="unknown setting 'learning_rat' \\(did you mean 'learning_rate'\\?\\)"):
+    with pytest.raises(RunConfigError, match="unknown setting 'learning_rat' \\(a Recipe field: set 'learning_rate' "
+                                             "under recipe_overrides\\)"):
         load_run_config(path, create_output_dir=False)
+    with pytest.raises(RunConfigError, match="unknown setting 'max_step' \\(did you mean 'max_steps'\\?\\)"):
+        run_config({"max_step": 3}, create_output_dir=False)
     with pytest.raises(RunConfigError, match="batch_size: 'four' is not a int"):
         run_config({"batch_size": "four"}, create_output_dir=False)
     with pytest.raises(RunConfigError, match="unknown precision 'fp8'"):
-        run_config({"precision": "fp8"}, create_output_dir=False)
+        run_config({"recipe_overrides": {"precision": "fp8"}}, create_output_dir=False)
     with pytest.raises(RunConfigError, match="recipe_overrides: 'max_steps' is set by its own top-level setting"):
         run_config({"recipe_overrides": {"max_steps": 3}}, create_output_dir=False)
-    config = run_config({"recipe_name": "fast", "lora_r": 16, "recipe_overrides": {"lora_dropout": 0.0}},
+    config = run_config({"recipe_name": "fast", "recipe_overrides": {"lora_r": 16, "lora_alpha": 64,
+                                                                      "lora_dropout": 0.0}},
                         create_output_dir=False)
     assert (config.recipe.name, config.recipe.lora_alpha, config.recipe.lora_dropout) == ("fast", 64, 0.0)
     assert config.train_kwargs()["on_collapse"] == "stop"

@@ -32,7 +32,7 @@ BLOG_03 = {**BLOG, "batch_size": 4, "max_steps": 0, "epochs": 1, "save_steps": 5
            "group_by_length": True}
 FIXED_03 = {**BLOG_03, "name": "fixed", "precision": "auto", "compute_dtype": "auto", "labels": "answer_only",
             "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "optimizer": "adamw_torch",
-            "eval_steps": 100, "labelled_logits_only": True}
+            "eval_steps": 100, "labelled_logits_only": True, "gradient_checkpointing": "auto"}
 
 
 def run_cells(notebook: str, cell_ids: list[str], **parameters) -> dict:
