@@ -214,7 +214,11 @@ def test_notebook_03_trains_the_same_recipes_as_before(tmp_path):
 
 
 def test_the_main_job_names_the_blog_recipe_instead_of_restating_it():
-    assert set(main_job_parameters("03_full_train_blog")) == {"recipe_name", "eval_steps", "output_dir"}
+    blog = main_job_parameters("03_full_train_blog")
+    assert set(blog) == {"recipe_name", "eval_steps", "output_dir", "recipe_overrides"}
+    # Only how batches are drawn and whether activations are recomputed: what the blog recipe learns (labels,
+    # precision, learning rate, LoRA) stays the recipe's own.
+    assert set(blog["recipe_overrides"]) == {"group_by_length", "gradient_checkpointing"}
 
 
 def test_notebook_04_trains_the_same_two_runs_as_before(tmp_path):
