@@ -1,6 +1,5 @@
 """The collapse monitor on a run that collapses and one that does not, and the headroom probe on a planted overflow."""
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,32 +9,15 @@ from helpers.fp16_emulation import FP16_MAX, fp16_range
 from helpers.recipes import blog_recipe
 from helpers.training import train
 
-
-def _rows(tmp_path, n=40):
-    import json
-
-    path = tmp_path / "rows.jsonl"
-    with path.open("w", encoding="utf-8") as handle:
-        for i in range(n):
-            handle.write(json.dumps({"instruction": f"{i} 더하기 {i + 1}는 얼마인가요?",
-                                     "output": f"{i}에 {i + 1}을 더하면 {2 * i + 1}입니다."}, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-@contextmanager
-def _warned_about_the_blog_labels():
-    # The blog's labels (pad = eos) warn twice: when the pad token is set, and when the LM collator is built.
-    with pytest.warns(UserWarning, match="the LM collator will mask every EOS label"), \
-            pytest.warns(UserWarning, match="never learns to stop"):
-        yield
+from blog_runs import arithmetic_rows, warned_about_the_blog_labels
 
 
 def _run(tiny_model_dir, tmp_path, precision, learning_rate, name, max_steps=40):
     recipe = blog_recipe(quantization="none", precision=precision, learning_rate=learning_rate, max_steps=max_steps,
                          logging_steps=5, lora_targets="all", optimizer="adamw_torch", max_grad_norm=0.0,
                          gradient_checkpointing=False)
-    with _warned_about_the_blog_labels():
-        return train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path), out_dir=tmp_path / name,
+    with warned_about_the_blog_labels():
+        return train(recipe, model_id=str(tiny_model_dir), data=arithmetic_rows(tmp_path), out_dir=tmp_path / name,
                      report_to="none", save_adapter=False, verbose=False)
 
 
@@ -104,8 +86,8 @@ def test_stop_mode_ends_the_run_and_keeps_the_last_good_adapter(tiny_model_dir, 
     recipe = blog_recipe(quantization="none", precision="fp16_emulated", learning_rate=50.0, max_steps=100,
                          logging_steps=5, lora_targets="all", optimizer="adamw_torch", max_grad_norm=0.0,
                          gradient_checkpointing=False)
-    with _warned_about_the_blog_labels():
-        run = train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path), out_dir=tmp_path / "stop",
+    with warned_about_the_blog_labels():
+        run = train(recipe, model_id=str(tiny_model_dir), data=arithmetic_rows(tmp_path), out_dir=tmp_path / "stop",
                     report_to="none", on_collapse="stop", save_adapter=False, verbose=False)
     assert run.monitor.stopped_at is not None and run.summary["global_step"] == run.monitor.stopped_at < 100
     finding = run.monitor.finding()  # it stopped only once the whole signature was on record

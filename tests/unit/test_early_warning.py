@@ -2,7 +2,6 @@
 back, switches precision and keeps the trace one record a step."""
 import json
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,23 +13,9 @@ from helpers.diagnostics.early_warning import (EarlyWarning, WarningRule, first_
 from helpers.recipes import blog_recipe
 from helpers.training import train
 
+from blog_runs import arithmetic_rows, warned_about_the_blog_labels
+
 PLANTED = "layers.1.mlp.down_proj"
-
-
-def _rows(tmp_path, n=40):
-    path = tmp_path / "rows.jsonl"
-    with path.open("w", encoding="utf-8") as handle:
-        for i in range(n):
-            handle.write(json.dumps({"instruction": f"{i} 더하기 {i + 1}는 얼마인가요?",
-                                     "output": f"{i}에 {i + 1}을 더하면 {2 * i + 1}입니다."}, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-@contextmanager
-def _warned_about_the_blog_labels():
-    with pytest.warns(UserWarning, match="the LM collator will mask every EOS label"), \
-            pytest.warns(UserWarning, match="never learns to stop"):
-        yield
 
 
 class GrowingDownProj(TrainerCallback):
@@ -59,8 +44,8 @@ def _train(tiny_model_dir, tmp_path, name, plant=None, precision="fp16_emulated"
     recipe = blog_recipe(quantization="none", precision=precision, learning_rate=1e-3, max_steps=max_steps,
                          logging_steps=5, lora_targets="all", optimizer="adamw_torch", max_grad_norm=0.0,
                          gradient_checkpointing=False)
-    with _warned_about_the_blog_labels():
-        return train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path), out_dir=tmp_path / name,
+    with warned_about_the_blog_labels():
+        return train(recipe, model_id=str(tiny_model_dir), data=arithmetic_rows(tmp_path), out_dir=tmp_path / name,
                      report_to="none", save_adapter=False, verbose=False, on_collapse=on_collapse,
                      callbacks=[plant] if plant else None)
 
