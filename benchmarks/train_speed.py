@@ -11,10 +11,13 @@ row to ``benchmarks/results/train_speed.csv``:
 
 Rows (``--rows``, default all): ``blog`` (blog_recipe), ``baseline`` (answer-only labels, bf16, batch 2, no packing:
 fixed_recipe(batch_size=2)), ``fast`` (fast_recipe), then fast minus one technique: ``fast-no-packing`` (padded
-batches grouped by length), ``fast-small-steps`` (batch 2 instead of 16,384 tokens a step), ``fast-adamw`` (plain
-instead of fused AdamW), ``fast-unchunked-loss`` (every labelled logit at once), ``fast-all-logits`` (the model's own
-loss over every position), ``fast-fp32`` (no bf16), ``fast-checkpointing`` (always on), and two additions:
-``fast-compile`` (torch.compile) and ``fast-bf16-weights`` (no 4-bit quantization).
+batches grouped by length), ``fast-small-steps`` (batch 2 instead of 16,384 tokens a step), ``fast-fused-adamw``
+(fused instead of plain AdamW), ``fast-unchunked-loss`` (every labelled logit at once), ``fast-all-logits`` (the
+model's own loss over every position), ``fast-fp32`` (no bf16), ``fast-checkpointing`` (always on),
+``fast-no-compile`` (no torch.compile on a GPU) and ``fast-bf16-weights`` (no 4-bit quantization). Rows measured
+before 2026-12-02's change of the fast recipe (fused AdamW, no compile) are named after what they added then
+(``fast-adamw``, ``fast-compile``); their settings columns say what ran. ``--tokens-per-step`` replaces the fast
+rows' step size and turns off their floor of 60 steps an epoch, so a row measures exactly the step it names.
 
 What each column measures:
 
@@ -55,8 +58,8 @@ from transformers import TrainerCallback
 from benchmarks.results_csv import append_rows
 
 RESULTS = Path("benchmarks/results/train_speed.csv")
-ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-adamw", "fast-unchunked-loss",
-        "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-compile", "fast-bf16-weights")
+ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-fused-adamw", "fast-unchunked-loss",
+        "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-no-compile", "fast-bf16-weights")
 SETTINGS = ["tokens_per_step", "batch_size", "packing", "gradient_checkpointing", "optimizer", "loss_chunk_rows",
             "labelled_logits_only", "precision", "quantization", "torch_compile", "labels", "learning_rate",
             "memory_budget_gib"]
@@ -76,10 +79,10 @@ def row_recipe(row: str, **overrides):
         return fixed_recipe(batch_size=2, **overrides)
     without = {"fast": {}, "fast-no-packing": {"packing": False, "group_by_length": True},
                "fast-small-steps": {"tokens_per_step": 0, "batch_size": 2},
-               "fast-adamw": {"optimizer": "adamw_torch"}, "fast-unchunked-loss": {"loss_chunk_rows": 0},
+               "fast-fused-adamw": {"optimizer": "adamw_torch_fused"}, "fast-unchunked-loss": {"loss_chunk_rows": 0},
                "fast-all-logits": {"labelled_logits_only": False, "loss_chunk_rows": 0},
                "fast-fp32": {"precision": "fp32"}, "fast-checkpointing": {"gradient_checkpointing": True},
-               "fast-compile": {"torch_compile": True}, "fast-bf16-weights": {"quantization": "none"}}[row]
+               "fast-no-compile": {"torch_compile": False}, "fast-bf16-weights": {"quantization": "none"}}[row]
     return fast_recipe(**{**without, **overrides})
 
 
@@ -166,7 +169,7 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     peak_flops = matmul_peak_flops()
     recipe = row_recipe(row)
     if tokens_per_step and recipe.tokens_per_step:
-        recipe = replace(recipe, tokens_per_step=tokens_per_step)
+        recipe = replace(recipe, tokens_per_step=tokens_per_step, min_steps_per_epoch=0)
     if memory_budget_gib:
         recipe = replace(recipe, memory_budget_gib=memory_budget_gib)
     plan = plan_precision(recipe.precision, recipe.compute_dtype, recipe.quantization)
@@ -180,6 +183,8 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     lengths = [len(ids) for ids in tokenize_dataset(dataset["train"], tokenizer, recipe.labels, recipe.template,
                                                     recipe.max_length)["input_ids"]]
     per_step = recipe.tokens_per_step or recipe.batch_size * recipe.gradient_accumulation * statistics.fmean(lengths)
+    if recipe.tokens_per_step and recipe.min_steps_per_epoch:
+        per_step = max(statistics.fmean(lengths), min(per_step, sum(lengths) // recipe.min_steps_per_epoch))
     steps = max(warmup_steps + timed_steps, math.ceil(1.1 * train_tokens / per_step) + 1)  # steps vary in size
     recipe = replace(recipe, max_steps=steps, logging_steps=max(10, steps // 10), save_steps=0, eval_steps=0)
 

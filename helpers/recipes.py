@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import torch
+
 from helpers.data import check_label_recipe
 from helpers.models import QUANTIZATIONS
 from helpers.precision import PRECISION_MODES
@@ -46,9 +48,10 @@ class Recipe:
     # Speed (helpers.memory, helpers.training; each off by default)
     packing: bool = False               # examples end to end in rows of max_length tokens, none sees another
     tokens_per_step: int = 0            # > 0: examples a step = this / the train split's mean length (not batch_size)
+    min_steps_per_epoch: int = 0        # > 0: tokens_per_step lowered so an epoch has at least this many steps
     memory_budget_gib: float = 0.0      # what tokens_per_step and "auto" checkpointing must fit in; 0: 85% of the GPU
     loss_chunk_rows: int = 0            # > 0: labelled logits of at most this many rows at once (labelled_logits_only)
-    torch_compile: bool = False         # TrainingArguments(torch_compile=True)
+    torch_compile: bool | str = False   # True | False | "auto": on where a CUDA GPU trains (TrainingArguments)
 
     def validate(self):
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -62,14 +65,15 @@ class Recipe:
         check_label_recipe(self.labels)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-        if self.gradient_checkpointing not in (True, False, "auto"):
-            raise ValueError(f"gradient_checkpointing: True, False or 'auto', not {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "torch_compile"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"{name}: True, False or 'auto', not {getattr(self, name)!r}")
         if self.packing and self.labels != "answer_only":
             raise ValueError("packing needs labels='answer_only': the blog's labels come from a collator that pads")
         if self.loss_chunk_rows and not self.labelled_logits_only:
             raise ValueError("loss_chunk_rows needs labelled_logits_only=True (the chunks are of labelled rows)")
-        if min(self.tokens_per_step, self.memory_budget_gib, self.loss_chunk_rows) < 0:
-            raise ValueError("tokens_per_step, memory_budget_gib and loss_chunk_rows must be >= 0")
+        if min(self.tokens_per_step, self.min_steps_per_epoch, self.memory_budget_gib, self.loss_chunk_rows) < 0:
+            raise ValueError("tokens_per_step, min_steps_per_epoch, memory_budget_gib and loss_chunk_rows must be >= 0")
         return self
 
 
@@ -95,28 +99,36 @@ def fixed_recipe(**overrides) -> Recipe:
 
 def fast_recipe(**overrides) -> Recipe:
     """The fixed recipe with the step made large and cheap: answer-only labels packed without padding into rows of
-    ``max_length`` tokens, 16,384 tokens a step (lowered, or checkpointing turned on, where the memory estimate says
-    the GPU needs it), fused AdamW (one kernel for every LoRA weight; plain AdamW on a CPU, see
-    helpers.trainer.training_arguments), labelled logits 1,024 rows at a time, bf16 where the GPU has it, batches
-    drawn at random (packing leaves no padding for grouping by length to save). torch.compile stays off until it
-    is measured (benchmarks/train_speed.py).
+    ``max_length`` tokens, up to 16,384 tokens a step (lowered where the memory estimate says the GPU needs it, or
+    where an epoch would have fewer than 60 steps), labelled logits 1,024 rows at a time, bf16 where the GPU has it,
+    torch.compile on a CUDA GPU, batches drawn at random (packing leaves no padding for grouping by length to save).
 
-    Why 16,384 tokens: on an H200 a plain PyTorch loop over the 270M shape ran 74k tokens/s at 16,384 tokens a
-    step and 78k at 65,536 (H200 speed figures, 2026-12-01): most of the gain is there, in a quarter of the memory.
-    A step then holds ~130 shipped examples: the learning rate is the fixed recipe's, tuned at batch 4, so check
-    the eval loss (the benchmark reports it after equal training tokens) before trusting it on a long run.
+    Each choice is measured side by side on an H200 with gemma-3-270m's real weights and the shipped data
+    (benchmarks/results/train_speed.csv, 2026-12-02): packing 30.3k tokens/s against 27.1k padded (and 23.5 against
+    37.4 GiB); torch.compile 74.7k against 30.3k; the chunked loss 23.5 GiB against 56.1 (at 41.4k tokens/s: it costs
+    speed, and buys the 24 GB card). Fused AdamW ran no faster than plain AdamW (30.3k against 31.5k): plain it is.
+    60 steps an epoch: on that small split (~60k tokens) the eval loss after one epoch was +1.5% over batch 2 at
+    1,024 tokens a step, +4.1% at 4,096 and +7.1% at 16,384 (few large steps learn less from the same tokens); a
+    user's larger data keeps the full 16,384.
     """
-    base = replace(fixed_recipe(), name="fast", packing=True, tokens_per_step=16384, gradient_checkpointing="auto",
-                   optimizer="adamw_torch_fused", loss_chunk_rows=1024, group_by_length=False)
+    base = replace(fixed_recipe(), name="fast", packing=True, tokens_per_step=16384, min_steps_per_epoch=60,
+                   gradient_checkpointing="auto", loss_chunk_rows=1024, group_by_length=False, torch_compile="auto")
     return replace(base, **overrides).validate()
 
 
-NAMED_RECIPES = {"fixed": fixed_recipe, "blog": blog_recipe, "fast": fast_recipe}
+def auto_recipe(**overrides) -> Recipe:
+    """The fast recipe where a CUDA GPU trains, the fixed recipe elsewhere. On a CPU the fast recipe's gains do not
+    apply (no bf16 or compile speed-up, and the arithmetic, not the launches, sets the step time), and the fixed
+    recipe keeps the CPU main job's measured numbers; the recipe's ``name`` says which one ran."""
+    return (fast_recipe if torch.cuda.is_available() else fixed_recipe)(**overrides)
+
+
+NAMED_RECIPES = {"auto": auto_recipe, "fixed": fixed_recipe, "blog": blog_recipe, "fast": fast_recipe}
 
 
 def named_recipe(name: str, **overrides) -> Recipe:
-    """The recipe called ``name`` (``fixed``, ``blog`` or ``fast``) with ``overrides``; an override of None keeps the
-    recipe's own value, so a notebook parameter set to None means "as the recipe has it"."""
+    """The recipe called ``name`` (``auto``, ``fixed``, ``blog`` or ``fast``) with ``overrides``; an override of None
+    keeps the recipe's own value, so a notebook parameter set to None means "as the recipe has it"."""
     if name not in NAMED_RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(NAMED_RECIPES)}")
     unknown = sorted(set(overrides) - {field.name for field in fields(Recipe)})

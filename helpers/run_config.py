@@ -27,7 +27,7 @@ PARAMETERS = {
     "model_id": ("embedded", str),
     "revision": (None, str),
     "data": ("shipped", str),
-    "recipe_name": ("fixed", str),
+    "recipe_name": ("auto", str),
     "epochs": (1, NUMBER),
     "max_steps": (0, int),
     "batch_size": (4, int),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers.precision import effective_precision, plan_precision
-from helpers.recipes import Recipe, blog_recipe, fixed_recipe, named_recipe
+from helpers.recipes import Recipe, blog_recipe, fast_recipe, fixed_recipe, named_recipe
 
 CPU = {"gpu": False, "gpu_has_bf16": False}
 T4 = {"gpu": True, "gpu_has_bf16": False}
@@ -15,8 +15,15 @@ def test_named_recipe_gives_the_recipe_of_that_name_and_ignores_overrides_of_non
     assert named_recipe("fixed") == fixed_recipe() and named_recipe("blog") == blog_recipe() == Recipe()
     recipe = named_recipe("fixed", learning_rate=None, max_steps=7, precision=None)
     assert recipe == fixed_recipe(max_steps=7)  # None keeps the fixed recipe's own lr and precision
-    with pytest.raises(ValueError, match="unknown recipe 'seed'; choose one of fixed, blog"):
+    with pytest.raises(ValueError, match="unknown recipe 'seed'; choose one of auto, fixed, blog"):
         named_recipe("seed")
+
+
+def test_the_auto_recipe_is_the_fast_one_on_a_gpu_and_the_fixed_one_elsewhere(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert named_recipe("auto", max_steps=7) == fixed_recipe(max_steps=7)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert named_recipe("auto", max_steps=7) == fast_recipe(max_steps=7)
 
 
 def test_named_recipe_validates_its_overrides():

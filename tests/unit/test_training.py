@@ -192,12 +192,13 @@ def test_a_training_step_reads_one_value_to_the_host_the_loss_and_copies_no_batc
 
 
 def test_the_fast_recipe_trains_packed_rows_and_counts_real_tokens(tiny_model_dir, tmp_path):
-    recipe = fast_recipe(quantization="none", max_steps=2, tokens_per_step=512, logging_steps=1, loss_chunk_rows=64)
+    recipe = fast_recipe(quantization="none", max_steps=2, tokens_per_step=512, logging_steps=1, loss_chunk_rows=64,
+                         min_steps_per_epoch=0)
     run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=24,
                 save_adapter=False, verbose=False)
     card = run.summary
     assert run.recipe.batch_size == round(512 / _mean_train_length(run)) and card["global_step"] == 2
-    assert card["optimizer"] == ("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch")
+    assert card["optimizer"] == "adamw_torch" and card["recipe"]["torch_compile"] is torch.cuda.is_available()
     assert run.trainer.loss_chunk_rows == 64 and run.trainer.labelled_logits_only  # checked on step 1, kept
     assert card["recipe"]["gradient_checkpointing"] is False  # no budget on a CPU: nothing needs it
     assert card["memory_estimate"]["logits"] == "chunked" and card["memory_estimate"]["total_gib"] > 0
@@ -210,3 +211,16 @@ def _mean_train_length(run) -> float:
     lengths = [len(ids) for ids in run.trainer.train_dataset["input_ids"]]
     return sum(lengths) / len(lengths)
 
+
+
+def test_small_data_lowers_the_fast_recipes_step_so_an_epoch_keeps_its_steps(tiny_model_dir, tmp_path):
+    recipe = fast_recipe(quantization="none", max_steps=1, tokens_per_step=4096, min_steps_per_epoch=4,
+                         logging_steps=1, loss_chunk_rows=64)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=24,
+                save_adapter=False, verbose=False)
+    lengths = [len(ids) for ids in run.trainer.train_dataset["input_ids"]]
+    most = sum(lengths) // 4
+    assert most < 4096  # the tiny split cannot fill four steps of 4,096 tokens
+    assert run.summary["step_plan"]["tokens_per_step"] == most
+    assert run.recipe.batch_size == round(most / (sum(lengths) / len(lengths)))
+    assert "4,096 tokens asked, at most" in run.summary["step_plan"]["reason"]
