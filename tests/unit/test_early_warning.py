@@ -108,3 +108,37 @@ def test_rescue_rolls_back_switches_precision_and_keeps_the_trace_continuous(tin
     assert later[-1].learning_rate < snapshot["lr"]  # the schedule went on from the snapshot
     card = json.loads((tmp_path / "rescue" / "run_card.json").read_text())
     assert card["rescue"]["to"] == "fp32" and card["global_step"] == 14
+
+
+def test_the_benchmark_row_reads_the_lead_the_rescue_and_the_learning_from_a_trace(tmp_path):
+    from dataclasses import asdict
+
+    from benchmarks.early_warning import row
+
+    def run_folder(name, records):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "recipe.json").write_text(json.dumps({"learning_rate": 0.01, "lora_targets": "all",
+                                                        "max_steps": 300, "precision": "fp16"}))
+        (folder / "benchmark.json").write_text(json.dumps({
+            "precision": "fp16", "device": "cuda: a GPU", "versions": {"torch": "x"}, "date": "2026-12-02",
+            "eval_loss": 2.5}))
+        (folder / "trace.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+        return folder
+
+    # one bit of headroom lost a step: under 5 bits (with a margin of 4 steps) at step 8, the overflow at step 13
+    healthy = [StepRecord(s, 4.0 - s / 10, True, False, 1e-2, 1024.0, 1.0, headroom_bits=12.0 - s,
+                          headroom_layer="layers.2.mlp.down_proj", precision="fp16") for s in range(1, 13)]
+    broken = [StepRecord(s, math.nan, False, True, 1e-2, 512.0, None, headroom_bits=-math.inf, precision="fp16")
+              for s in range(13, 16)]
+    collapsed = row(run_folder("collapsed", healthy + broken))
+    assert (collapsed["warning_step"], collapsed["first_nonfinite_step"], collapsed["lead_steps"]) == (8, 13, 5)
+    assert collapsed["warning_layer"] == "layers.2.mlp.down_proj" and collapsed["warning_headroom_bits"] == 4.0
+    assert collapsed["rescued_at"] is None and collapsed["nonfinite_after_rescue"] is None
+    assert collapsed["first_raw_loss"] == 3.9 and collapsed["last_raw_loss"] == pytest.approx(3.0)  # steps 8-12
+
+    after = [StepRecord(s, 2.0, True, False, 1e-2, None, 1.0, precision="bf16") for s in range(13, 20)]
+    after[0].event = "rescue (warning certain): rolled back to step 10, fp16 -> bf16"
+    rescued = row(run_folder("rescued", healthy + after))
+    assert rescued["rescued_at"] == 13 and rescued["nonfinite_after_rescue"] == 0
+    assert rescued["first_nonfinite_step"] is None and rescued["eval_loss"] == 2.5 and rescued["finished"]
