@@ -105,8 +105,9 @@ def fast_recipe(**overrides) -> Recipe:
 
     Each choice is measured side by side on an H200 with gemma-3-270m's real weights and the shipped data
     (benchmarks/results/train_speed.csv, 2026-12-02): packing 30.3k tokens/s against 27.1k padded (and 23.5 against
-    37.4 GiB); torch.compile 74.7k against 30.3k; the chunked loss 23.5 GiB against 56.1 (at 41.4k tokens/s: it costs
-    speed, and buys the 24 GB card). Fused AdamW ran no faster than plain AdamW (30.3k against 31.5k): plain it is.
+    37.4 GiB); torch.compile 74.7k against 30.3k; the chunked loss 23.5 GiB against 56.1 unchunked (which ran 41.4k
+    tokens/s: the chunks cost speed and buy the 24 GB card). Fused AdamW ran no faster than plain AdamW (30.3k
+    against 31.5k): plain it is.
     60 steps an epoch: on that small split (~60k tokens) the eval loss after one epoch was +1.5% over batch 2 at
     1,024 tokens a step, +4.1% at 4,096 and +7.1% at 16,384 (few large steps learn less from the same tokens); a
     user's larger data keeps the full 16,384.
@@ -117,9 +118,9 @@ def fast_recipe(**overrides) -> Recipe:
 
 
 def auto_recipe(**overrides) -> Recipe:
-    """The fast recipe where a CUDA GPU trains, the fixed recipe elsewhere. On a CPU the fast recipe's gains do not
-    apply (no bf16 or compile speed-up, and the arithmetic, not the launches, sets the step time), and the fixed
-    recipe keeps the CPU main job's measured numbers; the recipe's ``name`` says which one ran."""
+    """The fast recipe where a CUDA GPU trains, the fixed recipe elsewhere: the fast recipe's choices were measured on
+    a GPU only, where kernel launches set the step time of a small model, and the CPU main job's figures (README) were
+    measured with the fixed recipe, which this keeps. The recipe's ``name`` says which one ran."""
     return (fast_recipe if torch.cuda.is_available() else fixed_recipe)(**overrides)
 
 

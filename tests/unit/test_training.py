@@ -212,7 +212,6 @@ def _mean_train_length(run) -> float:
     return sum(lengths) / len(lengths)
 
 
-
 def test_small_data_lowers_the_fast_recipes_step_so_an_epoch_keeps_its_steps(tiny_model_dir, tmp_path):
     recipe = fast_recipe(quantization="none", max_steps=1, tokens_per_step=4096, min_steps_per_epoch=4,
                          logging_steps=1, loss_chunk_rows=64)
