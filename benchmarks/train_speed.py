@@ -160,7 +160,7 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     """One row in this process: train, time, evaluate; the CSV row as a dict."""
     from helpers.data import load_instructions, prepare_tokenizer, tokenize_dataset
     from helpers.evaluation import answer_perplexity
-    from helpers.memory import ModelShape
+    from helpers.memory import ModelShape, epoch_capped_tokens
     from helpers.models import load_model
     from helpers.outputs import package_versions
     from helpers.precision import device_description, plan_precision
@@ -182,9 +182,9 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
     dataset, _ = load_instructions("shipped", tokenizer=tokenizer, max_length=recipe.max_length, verbose=False)
     lengths = [len(ids) for ids in tokenize_dataset(dataset["train"], tokenizer, recipe.labels, recipe.template,
                                                     recipe.max_length)["input_ids"]]
-    per_step = recipe.tokens_per_step or recipe.batch_size * recipe.gradient_accumulation * statistics.fmean(lengths)
-    if recipe.tokens_per_step and recipe.min_steps_per_epoch:
-        per_step = max(statistics.fmean(lengths), min(per_step, sum(lengths) // recipe.min_steps_per_epoch))
+    per_step = recipe.batch_size * recipe.gradient_accumulation * statistics.fmean(lengths)
+    if recipe.tokens_per_step:
+        per_step = epoch_capped_tokens(recipe.tokens_per_step, lengths, recipe.min_steps_per_epoch)
     steps = max(warmup_steps + timed_steps, math.ceil(1.1 * train_tokens / per_step) + 1)  # steps vary in size
     recipe = replace(recipe, max_steps=steps, logging_steps=max(10, steps // 10), save_steps=0, eval_steps=0)
 

@@ -268,6 +268,15 @@ def largest_fitting_tokens(estimate_at: Callable[[int], MemoryEstimate], budget_
     return low * step
 
 
+def epoch_capped_tokens(tokens: int, lengths: list[int], min_steps_per_epoch: int, processes: int = 1) -> int:
+    """``tokens`` a step, lowered on small data so an epoch of examples of these ``lengths`` (shared by ``processes``)
+    has ``min_steps_per_epoch`` steps or more, and never below one example of mean length; 0 steps: no cap."""
+    if not min_steps_per_epoch:
+        return tokens
+    epoch_share = sum(lengths) // (min_steps_per_epoch * processes)
+    return max(round(sum(lengths) / len(lengths)), min(tokens, epoch_share))
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Tokens a step and gradient checkpointing, chosen so that the estimated peak fits the memory budget."""

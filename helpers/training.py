@@ -21,7 +21,7 @@ from helpers.checkpoints import ADAPTER_STAGING_NAME, check_space_for_run, check
 from helpers.collators import make_training_collator, pack_rows
 from helpers.diagnostics import CollapseMonitor, StepRecord
 from helpers.distributed import is_main_process, start_processes, sum_across_processes, world_size
-from helpers.memory import StepPlan, estimate_memory, plan_step
+from helpers.memory import StepPlan, epoch_capped_tokens, estimate_memory, plan_step
 from helpers.model_card import adapter_readme
 from helpers.multi_process import StopTogether, monitor_folder, open_run_folder
 from helpers.models import load_model, lora_targets, resolve_source
@@ -70,7 +70,8 @@ def micro_batch_tokens(lengths: list[int], examples: int, recipe: Recipe, draws:
 
 
 def plan_step_size(recipe: Recipe, model, train_split, precision: str) -> tuple[Recipe, StepPlan]:
-    """The recipe with its step size settled, and the memory plan behind it (helpers.memory).
+    """The recipe with its step size, checkpointing and ``torch_compile="auto"`` settled, and the memory plan behind
+    it (helpers.memory).
 
     ``tokens_per_step`` > 0 sets the examples a step (batch_size) to tokens_per_step / (the train split's mean
     length x gradient_accumulation): batches of a fixed number of examples drawn at random, whose token count
@@ -105,9 +106,7 @@ def plan_step_size(recipe: Recipe, model, train_split, precision: str) -> tuple[
         GPU_MEMORY_SHARE * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
         if cuda else None)
     if recipe.tokens_per_step:
-        requested = recipe.tokens_per_step
-        if recipe.min_steps_per_epoch:  # small data: a step no larger than an epoch's tokens / min_steps_per_epoch
-            requested = max(round(mean), min(requested, sum(lengths) // (recipe.min_steps_per_epoch * world_size())))
+        requested = epoch_capped_tokens(recipe.tokens_per_step, lengths, recipe.min_steps_per_epoch, world_size())
         plan = plan_step(estimate_at, requested, budget, recipe.gradient_checkpointing)
         if requested < recipe.tokens_per_step:
             plan = replace(plan, reason=f"{recipe.tokens_per_step:,} tokens asked, at most {requested:,} so an epoch "

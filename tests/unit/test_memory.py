@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
 
-from helpers.memory import ModelShape, estimate_memory, layer_activation_bytes, plan_step
+from helpers.memory import ModelShape, epoch_capped_tokens, estimate_memory, layer_activation_bytes, plan_step
 
 GEMMA_3_270M = dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
                     num_key_value_heads=1, head_dim=256, vocab_size=262144, tie_word_embeddings=True)
@@ -162,3 +162,12 @@ def test_a_budget_lowers_the_tokens_and_checkpoints_only_when_half_would_not_fit
     assert forced.gradient_checkpointing is False and 6144 <= forced.tokens_per_step < 16384 / 2
     with pytest.raises(ValueError, match="do not fit 0.5 GiB"):
         plan_step(estimate_at, 16384, budget_gib=0.5)
+
+
+def test_small_data_caps_the_tokens_a_step_so_an_epoch_keeps_its_steps():
+    lengths = [60] * 1000  # 60,000 tokens, the shipped split's size
+    assert epoch_capped_tokens(16384, lengths, min_steps_per_epoch=0) == 16384  # no floor: as asked
+    assert epoch_capped_tokens(16384, lengths, min_steps_per_epoch=60) == 1000
+    assert epoch_capped_tokens(16384, lengths, min_steps_per_epoch=60, processes=2) == 500  # each process's share
+    assert epoch_capped_tokens(16384, [60] * 100_000, min_steps_per_epoch=60) == 16384  # large data keeps the step
+    assert epoch_capped_tokens(16384, [60] * 10, min_steps_per_epoch=60) == 60  # never under one example
