@@ -223,3 +223,13 @@ def test_small_data_lowers_the_fast_recipes_step_so_an_epoch_keeps_its_steps(tin
     assert run.summary["step_plan"]["tokens_per_step"] == most
     assert run.recipe.batch_size == round(most / (sum(lengths) / len(lengths)))
     assert "4,096 tokens asked, at most" in run.summary["step_plan"]["reason"]
+
+
+def test_a_memory_budget_is_planned_with_the_estimates_margin(tiny_model_dir, tmp_path):
+    # the H200's 12.8B row peaked 7.4% above its estimate: a stated budget is planned to 92% of itself
+    recipe = fast_recipe(quantization="none", max_steps=1, tokens_per_step=512, min_steps_per_epoch=0,
+                         memory_budget_gib=10.0, logging_steps=1, loss_chunk_rows=64)
+    run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=24,
+                save_adapter=False, verbose=False)
+    assert run.summary["step_plan"]["budget_gib"] == pytest.approx(9.2)
+    assert run.summary["memory_estimate"]["total_gib"] <= 9.2
