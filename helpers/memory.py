@@ -256,8 +256,10 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
 
 def largest_fitting_tokens(estimate_at: Callable[[int], MemoryEstimate], budget_gib: float, most: int,
                            step: int = 256) -> int:
-    """The largest multiple of ``step`` up to ``most`` tokens whose estimate fits ``budget_gib``; 0 if none does.
-    The estimate grows with the tokens, so a bisection finds it."""
+    """``most`` tokens if their estimate fits ``budget_gib``, else the largest multiple of ``step`` below that fits; 0
+    if none does. The estimate grows with the tokens, so a bisection finds it."""
+    if estimate_at(most).total_gib <= budget_gib:
+        return most  # a request that fits is kept as asked (the small-data floor asks for ~1,000 tokens, not 768)
     low, high = 0, most // step
     while low < high:
         middle = (low + high + 1) // 2

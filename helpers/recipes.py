@@ -101,19 +101,23 @@ def fast_recipe(**overrides) -> Recipe:
     """The fixed recipe with the step made large and cheap: answer-only labels packed without padding into rows of
     ``max_length`` tokens, up to 16,384 tokens a step (lowered where the memory estimate says the GPU needs it, or
     where an epoch would have fewer than 60 steps), labelled logits 1,024 rows at a time, bf16 where the GPU has it,
-    torch.compile on a CUDA GPU, batches drawn at random (packing leaves no padding for grouping by length to save).
+    batches drawn at random (packing leaves no padding for grouping by length to save).
 
     Each choice is measured side by side on an H200 with gemma-3-270m's real weights and the shipped data
     (benchmarks/results/train_speed.csv, 2026-12-02): packing 30.3k tokens/s against 27.1k padded (and 23.5 against
-    37.4 GiB); torch.compile 74.7k against 30.3k; the chunked loss 23.5 GiB against 56.1 unchunked (which ran 41.4k
-    tokens/s: the chunks cost speed and buy the 24 GB card). Fused AdamW ran no faster than plain AdamW (30.3k
-    against 31.5k): plain it is.
+    37.4 GiB); the chunked loss 23.5 GiB against 56.1 unchunked (which ran 41.4k tokens/s: the chunks cost speed and
+    buy the 24 GB card). Fused AdamW ran no faster than plain AdamW (30.3k against 31.5k): plain it is.
     60 steps an epoch: on that small split (~60k tokens) the eval loss after one epoch was +1.5% over batch 2 at
     1,024 tokens a step, +4.1% at 4,096 and +7.1% at 16,384 (few large steps learn less from the same tokens); a
     user's larger data keeps the full 16,384.
+    torch.compile stays off (``torch_compile=True`` or ``"auto"`` turns it on): it ran the 270M model's 16,384-token
+    step 2.5x faster (74.7k tokens/s), but on an H100 (2026-12-07) its compilations cost minutes where training the
+    shipped data takes seconds (92 s before the first step at 768 tokens a step; the benchmark row's process ~7 min
+    against 8 s of timed steps), and the polyglot-ko-12.8B shape did not finish 16 compiled steps in what was left
+    of a 9-minute call after building its random weights.
     """
     base = replace(fixed_recipe(), name="fast", packing=True, tokens_per_step=16384, min_steps_per_epoch=60,
-                   gradient_checkpointing="auto", loss_chunk_rows=1024, group_by_length=False, torch_compile="auto")
+                   gradient_checkpointing="auto", loss_chunk_rows=1024, group_by_length=False)
     return replace(base, **overrides).validate()
 
 

@@ -171,3 +171,13 @@ def test_small_data_caps_the_tokens_a_step_so_an_epoch_keeps_its_steps():
     assert epoch_capped_tokens(16384, lengths, min_steps_per_epoch=60, processes=2) == 500  # each process's share
     assert epoch_capped_tokens(16384, [60] * 100_000, min_steps_per_epoch=60) == 16384  # large data keeps the step
     assert epoch_capped_tokens(16384, [60] * 10, min_steps_per_epoch=60) == 60  # never under one example
+
+
+def test_a_step_that_fits_keeps_the_tokens_asked_and_only_a_lowered_one_is_rounded():
+    estimate_at = _estimates(_config(GEMMA_3_270M))
+    # the small-data floor asks for ~1,000 tokens: a roomy budget keeps exactly that (it once became 768)
+    kept = plan_step(estimate_at, 999, budget_gib=130.0)
+    assert kept.tokens_per_step == 999 and kept.reason.startswith("fits as asked")
+    budget = estimate_at(12288, False).total_gib + 0.01
+    lowered = plan_step(estimate_at, 16383, budget_gib=budget)
+    assert lowered.tokens_per_step % 256 == 0 and lowered.tokens_per_step < 16383

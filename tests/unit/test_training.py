@@ -192,8 +192,9 @@ def test_a_training_step_reads_one_value_to_the_host_the_loss_and_copies_no_batc
 
 
 def test_the_fast_recipe_trains_packed_rows_and_counts_real_tokens(tiny_model_dir, tmp_path):
+    assert fast_recipe().torch_compile is False  # compiling costs minutes up front (see fast_recipe)
     recipe = fast_recipe(quantization="none", max_steps=2, tokens_per_step=512, logging_steps=1, loss_chunk_rows=64,
-                         min_steps_per_epoch=0)
+                         min_steps_per_epoch=0, torch_compile="auto")
     run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path, report_to="none", max_rows=24,
                 save_adapter=False, verbose=False)
     card = run.summary
