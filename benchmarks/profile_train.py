@@ -1,12 +1,12 @@
 """Where a training step's time goes: torch.profiler around a few steps of ``train()`` (GPU or CPU).
 
     python -m benchmarks.profile_train MODEL_FOLDER [--batch-size 16] [--quantization none] [--out outputs/profile]
-    python -m benchmarks.profile_train MODEL_FOLDER --recipe fast [--memory-budget-gib 22]
+    python -m benchmarks.profile_train MODEL_FOLDER --recipe fast [--memory-budget-gib 22] [--tokens-per-step 16384]
 
 Runs ``fixed_recipe`` (batch ``--batch-size``, no checkpointing) or ``fast_recipe`` (as notebook 03 trains on a GPU:
-its own step size, checkpointing and torch.compile) on MODEL_FOLDER with the shipped data, profiles optimizer steps
-10-14 (after warm-up, and after torch.compile's first compilations), and writes the top operators by self CPU time
-and by device time, with the step time, to ``--out``. A model built with
+its own step size and checkpointing; ``torch_compile`` as the recipe has it) on MODEL_FOLDER with the shipped data,
+profiles optimizer steps 10-14 (after warm-up), and writes the top operators by self CPU time and by device time,
+with the step time, to ``--out``. A model built with
 random weights from a public config profiles the same as the real one: the arithmetic does not depend on the values.
 """
 from __future__ import annotations
@@ -56,14 +56,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization", default="none", choices=("none", "4bit", "8bit"))
     parser.add_argument("--recipe", default="fixed", choices=("fixed", "fast"))
     parser.add_argument("--memory-budget-gib", type=float, default=0.0, help="(fast) the recipe's memory budget")
+    parser.add_argument("--tokens-per-step", type=int, default=0,
+                        help="(fast) this step instead of the shipped data's floor of 60 steps an epoch (~1,000 tokens)")
     parser.add_argument("--out", type=Path, default=Path("outputs/profile"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     probe = ProfileSteps()
     steps = FIRST_PROFILED_STEP + PROFILED_STEPS + 1
     if args.recipe == "fast":
+        step = {"tokens_per_step": args.tokens_per_step, "min_steps_per_epoch": 0} if args.tokens_per_step else {}
         recipe = fast_recipe(max_steps=steps, quantization=args.quantization, memory_budget_gib=args.memory_budget_gib,
-                             logging_steps=5)
+                             logging_steps=5, **step)
     else:
         recipe = fixed_recipe(max_steps=steps, batch_size=args.batch_size, quantization=args.quantization,
                               gradient_checkpointing=False, logging_steps=5)

@@ -98,6 +98,13 @@ class LabTrainer(Trainer):
         self._staging_root = None   # set while a checkpoint is written (see _save_checkpoint)
         self.checkpoint_bytes = None  # size of a checkpoint, estimated, then measured on the first one
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.23 resumes a run that already reached max_steps part-way through an epoch by training one
+        # step more (its stop is only checked after a step): a second `make run` would then train past the schedule.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         # Relies on Trainer grouping by length in mega-batches of the per-process batch, and on accelerate handing
         # the sampler's batches to the processes in turn: grouped by N x the batch, N processes then see, step by

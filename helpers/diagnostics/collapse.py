@@ -270,7 +270,8 @@ class CollapseMonitor(TrainerCallback):
             for name, value in self._good_state.items():
                 params[name].copy_(value)
         path = self.out_dir / "last_good"
-        model.save_pretrained(path)
+        # as the run's own adapter is written (helpers.checkpoints.write_adapter): LoRA weights only, safetensors
+        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
         (path / "step.txt").write_text(str(self._good_step))
         return path
 

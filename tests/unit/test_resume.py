@@ -73,3 +73,24 @@ def test_killed_run_resumes_without_lost_steps(tiny_model_dir, tmp_path):
     for mine, theirs in zip(trace, full):
         assert mine.raw_loss == pytest.approx(theirs.raw_loss, rel=1e-4, abs=1e-4), f"step {mine.step}"
         assert mine.learning_rate == pytest.approx(theirs.learning_rate, rel=1e-6)
+
+
+def test_resuming_a_finished_run_trains_no_step_past_its_schedule(tiny_model_dir, tmp_path):
+    # A second `make run` finds notebook 03's finished run and resumes from its last checkpoint: nothing to train.
+    from safetensors.torch import load_file
+
+    from helpers.recipes import fixed_recipe
+    from helpers.training import train
+
+    recipe = fixed_recipe(quantization="none", precision="fp32", max_steps=4, save_steps=2, logging_steps=1,
+                          batch_size=2)  # 4 of the 8 steps of an epoch: the stop falls mid-epoch
+    out = tmp_path / "run"
+    adapters = []
+    for _ in range(2):
+        run = train(recipe, model_id=str(tiny_model_dir), data=_rows(tmp_path / "rows.jsonl", 16), out_dir=out,
+                    report_to="none", resume=True, verbose=False)
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+        assert run.summary["global_step"] == 4 and len(read_trace(out / "trace.jsonl")) == 4
+    assert run.summary["resumed_from"].endswith("checkpoint-4")
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all((adapters[0][key] == adapters[1][key]).all() for key in adapters[0])  # the finished run's weights

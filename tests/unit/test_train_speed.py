@@ -1,5 +1,6 @@
 """The training speed benchmark at a tiny size on the CPU, so that it cannot rot between GPU sessions."""
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -46,3 +47,17 @@ def test_each_recipe_is_timed_in_its_own_process_and_lands_in_the_csv(tmp_path):
     # a packed step of ~1,024 real tokens: tokens/s x seconds/step gives the tokens of a timed step back
     fast = by_name["fast"]
     assert float(fast["tokens_per_s"]) * float(fast["seconds_per_step"]) == pytest.approx(1024, rel=0.5)
+
+
+@pytest.mark.slow
+def test_the_profiler_profiles_the_fast_recipe_at_the_step_asked(tmp_path):
+    built = benchmark("benchmarks.real_shapes", "build", "tiny-gpt-neox", "--work", str(tmp_path),
+                      "--result", str(tmp_path / "build.json"))
+    assert built.returncode == 0, built.stderr[-2000:]
+    done = benchmark("benchmarks.profile_train", str(tmp_path / "tiny-gpt-neox"), "--recipe", "fast",
+                     "--tokens-per-step", "512", "--out", str(tmp_path / "profile"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "profile" / "summary_fast_512tok_none.json").read_text())
+    assert summary["recipe"] == "fast" and summary["tokens_per_step"] == 512 and summary["torch_compile"] is False
+    assert summary["seconds_per_profiled_step"] > 0
+    assert "aten::" in (tmp_path / "profile" / "ops_by_cpu_fast_512tok_none.txt").read_text()
