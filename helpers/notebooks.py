@@ -78,7 +78,7 @@ def sweep(max_steps: list[int], extra: dict | None = None) -> list[dict]:
         out_dir = f"outputs/{SWEEP_NOTEBOOK}/{tag}"
         started = time.time()
         run_notebook(SWEEP_NOTEBOOK, {**(extra or {}), "max_steps": steps, "output_dir": out_dir,
-                                      "compare_fixed": False}, out_name=tag)
+                                      "compare_safe": False}, out_name=tag)
         summary = json.loads((project_root() / out_dir / "summary.json").read_text(encoding="utf-8"))
         fp16 = summary["runs"]["blog"]
         rows.append({"max_steps": steps, "steps_run": fp16["global_step"],

@@ -27,11 +27,11 @@ def loss_and_lr(log_history: list[dict], title: str = "", path=None):
     return _save(fig, path)
 
 
-def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "fixed", rescue=None):
+def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "safe precision", rescue=None):
     """Logged vs raw loss, learning rate, loss scale, skipped steps and (in an fp16 run) the early warning's fp16
     headroom on one time axis; a dashed line marks the first warning, a dotted one a rescue.
 
-    records: the monitor's StepRecords of the run; compare: StepRecords of a fixed-precision run (optional);
+    records: the monitor's StepRecords of the run; compare: StepRecords of the same run in a safe precision (optional);
     rescue: StepRecords of the same settings run with ``on_collapse="rescue"`` (optional).
     """
     steps = [r.step for r in records]

@@ -61,11 +61,11 @@ def collapse_run_summary(run) -> dict:
 
 def collapse_summary(run, comparison_run, failing: dict | None, probe, diagnosis: str, model_id: str,
                      learning_rate: float, max_steps: int, lora_targets: str) -> dict:
-    """Notebook 04: the fp16 run (under ``blog``), the comparison run in a wider precision (under ``fixed``, if it
-    ran), the replayed step and the first module that overflowed, and the diagnosis written from them."""
+    """Notebook 04: the fp16 run (under ``blog``), the comparison run in a wider precision (under ``safe_precision``,
+    if it ran), the replayed step and the first module that overflowed, and the diagnosis written from them."""
     runs = {"blog": collapse_run_summary(run)}
     if comparison_run is not None:
-        runs["fixed"] = collapse_run_summary(comparison_run)
+        runs["safe_precision"] = collapse_run_summary(comparison_run)
     return {
         "notebook": "04_loss_collapse_investigation", "model_id": model_id, "device": run.summary["device"],
         "learning_rate": learning_rate, "max_steps": max_steps, "lora_targets": lora_targets, "runs": runs,

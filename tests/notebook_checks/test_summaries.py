@@ -49,12 +49,12 @@ def test_02_smoke_trained_and_saved_an_adapter():
 
 def test_04_reproduces_the_collapse_and_the_fix_does_not_collapse():
     s = summary("04_loss_collapse_investigation")
-    blog, fixed = s["runs"]["blog"], s["runs"]["fixed"]
+    blog, safe = s["runs"]["blog"], s["runs"]["safe_precision"]
     collapse = blog["collapse"]
     assert collapse["collapsed"] and collapse["first_nonfinite_step"] <= 300
     for sign in ("nonfinite_streak_from", "fake_zero_log_step", "lr_frozen_from", "scale_to_zero_step"):
         assert collapse[sign] is not None, f"collapse signature incomplete: {sign} not seen"
-    assert not fixed["collapse"]["collapsed"] and fixed["collapse"]["nonfinite_steps"] == 0
+    assert not safe["collapse"]["collapsed"] and safe["collapse"]["nonfinite_steps"] == 0
     assert s["first_nonfinite_module"], "the replay should name the first overflowing module"
     assert str(collapse["first_nonfinite_step"]) in s["diagnosis"]
 
