@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -280,6 +281,8 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
     if main:
         with writing_into(out_dir, "run_card.json", intact="the adapter"):
             atomic_write_text(out_dir / "run_card.json", json.dumps(summary, ensure_ascii=False, indent=1, default=str))
+    else:  # the other processes' monitors wrote to scratch folders (helpers.multi_process.monitor_folder)
+        shutil.rmtree(monitor.out_dir, ignore_errors=True)
     return RunResult(trainer, model, tokenizer, recipe, precision, monitor, summary)
 
 

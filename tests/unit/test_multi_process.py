@@ -118,10 +118,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     """The same run twice, uninterrupted: two processes of batch 2, one process of batch 4."""
     root = tmp_path_factory.mktemp("multi_process")
     data = _rows(root / "rows.jsonl")
-    two, one = root / "two", root / "one"
-    _finish(_start(two, tiny_model_dir, data, processes=2, batch_size=2))
+    two, one, scratch = root / "two", root / "one", root / "tmp"
+    scratch.mkdir()
+    _finish(_start(two, tiny_model_dir, data, processes=2, batch_size=2, env={"TMPDIR": str(scratch)}))
     _finish(_start(one, tiny_model_dir, data, processes=1, batch_size=4))
-    return {"data": data, "two": two, "one": one}
+    return {"data": data, "two": two, "one": one, "scratch": scratch}
 
 
 def test_two_processes_match_one_with_twice_the_batch(runs):
@@ -143,6 +144,7 @@ def test_two_processes_match_one_with_twice_the_batch(runs):
     assert (two / "out" / "adapter" / "adapter_model.safetensors").exists()
     assert {p.name for p in (two / "out" / "checkpoints" / f"checkpoint-{MAX_STEPS}").glob("rng_state*")} == \
         {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not list(runs["scratch"].glob("monitor-rank*"))  # the other process's monitor cleaned up after itself
 
 
 def test_two_process_run_killed_resumes_on_two(runs, tiny_model_dir, tmp_path):
