@@ -27,7 +27,8 @@ def loss_and_lr(log_history: list[dict], title: str = "", path=None):
     return _save(fig, path)
 
 
-def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "safe precision", rescue=None):
+def collapse_timeline(records, title: str = "", path=None, compare=None, compare_label: str = "safe precision",
+                      rescue=None):
     """Logged vs raw loss, learning rate, loss scale, skipped steps and (in an fp16 run) the early warning's fp16
     headroom on one time axis; a dashed line marks the first warning, a dotted one a rescue.
 
