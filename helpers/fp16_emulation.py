@@ -5,9 +5,10 @@ matrix products there are ~200x slower than fp32. The collapse the blog users hi
 (values above 65504 become inf, then NaN), so this module reproduces the range, not the rounding cost:
 
 - forward: the ops autocast runs in fp16 on a GPU (linear, matmul, bmm, baddbmm, addmm, attention, and
-  bitsandbytes' 4-bit product) compute in fp32, and their floating activations (inputs and outputs; not the weights) are rounded to fp16 values (so an overflow becomes inf exactly
-  where the GPU's would); gradients pass straight through in fp32. Rounding in the backward as well made
-  gradients overflow far more often than on the real GPU, so it is not done.
+  bitsandbytes' 4-bit product) compute in fp32, and their floating activations (inputs and outputs; not the
+  weights) are rounded to fp16 values (so an overflow becomes inf exactly where the GPU's would); gradients pass
+  straight through in fp32. Rounding in the backward as well made gradients overflow far more often than on the
+  real GPU, so it is not done.
 - regions where the model turns autocast off (transformers computes rotary angles with autocast disabled) are
   left alone: the emulation enters a CPU autocast context only as a marker and acts only while
   ``torch.is_autocast_enabled("cpu")`` is true; the ops themselves run with autocast off, in fp32.
@@ -64,16 +65,11 @@ class Fp16RangeMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in QUANTIZED_MATMUL_OPS and torch.is_autocast_enabled("cpu"):
-            # bitsandbytes' 4-bit product is a custom op: its own matmul runs where this mode cannot see it, under
-            # the bf16 marker, in CPU bf16 (60x slower than fp32 on a CPU without bf16 instructions). Emulated here
-            # like a linear layer: fp16-range activation in, fp32 product, fp16-range result out.
-            with torch.autocast("cpu", enabled=False):
-                out = func(round_to_fp16(args[0]), *args[1:], **kwargs)
-            return round_to_fp16(out)
-        if func not in AUTOCAST_FP16_OPS or not torch.is_autocast_enabled("cpu"):
+        if (func not in AUTOCAST_FP16_OPS and func not in QUANTIZED_MATMUL_OPS) or not torch.is_autocast_enabled("cpu"):
             return func(*args, **kwargs)
-        if func is _F.linear:
+        if func is _F.linear or func in QUANTIZED_MATMUL_OPS:
+            # bitsandbytes' 4-bit product is a custom op whose own matmul this mode cannot see: left to itself it ran
+            # under the bf16 marker, in CPU bf16 (60x slower than fp32 on a CPU without bf16 instructions).
             # Only the activation is rounded: weights sit far inside fp16's range, and rounding them would cost a
             # pass over the 168M-entry tied embedding every step while changing nothing about range.
             args = (round_to_fp16(args[0]),) + tuple(args[1:])
