@@ -17,8 +17,9 @@ fixed_recipe(batch_size=2)), ``fast`` (fast_recipe), then fast minus one techniq
 batches grouped by length), ``fast-small-steps`` (batch 2 instead of 16,384 tokens a step), ``fast-fused-adamw``
 (fused instead of plain AdamW), ``fast-unchunked-loss`` (every labelled logit at once), ``fast-all-logits`` (the
 model's own loss over every position), ``fast-fp32`` (no bf16), ``fast-checkpointing`` (always on),
-``fast-compile`` (with torch.compile, which the fast recipe leaves off) and ``fast-bf16-weights`` (no 4-bit
-quantization). Rows are named after what they changed in the fast recipe of their day (the settings columns say
+``fast-compile`` (with torch.compile, which the fast recipe leaves off), ``fast-bf16-weights`` (no 4-bit
+quantization) and ``fast-bf16-unquantized`` (the norms and embeddings that 4-bit leaves unquantized kept in bf16
+instead of peft's fp32: a bf16 residual stream). Rows are named after what they changed in the fast recipe of their day (the settings columns say
 what ran): on 2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain AdamW, ``fast-compile`` fused
 AdamW compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not). ``--tokens-per-step`` replaces the
 fast rows' step size and turns off their floor of 60 steps an epoch, so a row measures exactly the step it names.
@@ -63,14 +64,15 @@ from benchmarks.results_csv import append_rows
 
 RESULTS = Path("benchmarks/results/train_speed.csv")
 ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-fused-adamw", "fast-unchunked-loss",
-        "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-compile", "fast-bf16-weights")
+        "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-compile", "fast-bf16-weights",
+        "fast-bf16-unquantized")
 SETTINGS = ["tokens_per_step", "batch_size", "packing", "gradient_checkpointing", "optimizer", "loss_chunk_rows",
             "labelled_logits_only", "precision", "quantization", "torch_compile", "labels", "learning_rate",
-            "memory_budget_gib"]
+            "memory_budget_gib", "fp32_unquantized"]
 COLUMNS = ["date", "gpu", "model_shape", "weights", "recipe", "tokens_per_s", "seconds_per_step", "peak_gib",
            "estimated_peak_gib", "mfu", "eval_loss", "eval_at_tokens", "torch", "transformers", "peft", "bitsandbytes",
-           *SETTINGS, "attn_implementation", "timed_steps", "steps", "train_tokens", "flops_per_token",
-           "peak_tflops"]
+           *SETTINGS[:-1], "attn_implementation", "timed_steps", "steps", "train_tokens", "flops_per_token",
+           "peak_tflops", SETTINGS[-1]]  # fp32_unquantized came last, after the other columns (2026-12-07)
 
 
 def row_recipe(row: str, **overrides):
@@ -86,7 +88,8 @@ def row_recipe(row: str, **overrides):
                "fast-fused-adamw": {"optimizer": "adamw_torch_fused"}, "fast-unchunked-loss": {"loss_chunk_rows": 0},
                "fast-all-logits": {"labelled_logits_only": False, "loss_chunk_rows": 0},
                "fast-fp32": {"precision": "fp32"}, "fast-checkpointing": {"gradient_checkpointing": True},
-               "fast-compile": {"torch_compile": True}, "fast-bf16-weights": {"quantization": "none"}}[row]
+               "fast-compile": {"torch_compile": True}, "fast-bf16-weights": {"quantization": "none"},
+               "fast-bf16-unquantized": {"fp32_unquantized": False}}[row]
     return fast_recipe(**{**without, **overrides})
 
 

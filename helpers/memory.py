@@ -193,7 +193,7 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
                     gradient_checkpointing: bool = False, logits: str = "labelled", labelled_share: float = 0.5,
                     loss_chunk_rows: int = 0, attention: str = "sdpa", attended_length: int = 512,
                     optimizer: str = "adamw_torch", device: str = "cuda",
-                    autocast: bool | None = None) -> MemoryEstimate:
+                    autocast: bool | None = None, fp32_unquantized: bool = True) -> MemoryEstimate:
     """The peak of one training step of ``tokens`` tokens (a micro-batch, padding included).
 
     config: a transformers config (or a :class:`ModelShape`). quantization: none|4bit|8bit. precision: what the
@@ -203,22 +203,24 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     positions a token's attention row spans (the padded length, or the packed row). device: cuda or cpu (the
     dropout mask is a bool on CUDA, a tensor of the input's dtype on the CPU). autocast: None as a Trainer run
     has it (on for bf16 and fp16 on CUDA); False for a loop that runs 16-bit weights without it.
+    fp32_unquantized: False where a bf16 run keeps a 4/8-bit model's unquantized weights in bf16
+    (helpers.models.keep_unquantized_in): its stream is then bf16, as a bf16 model's is.
     """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     quantized = quantization != "none"
     if autocast is None:
         autocast = precision in ("bf16", "fp16") and device == "cuda"
-    compute = 2 if autocast or (precision == "bf16" and device == "cuda" and not quantized) else 4
-    # A quantized model's norms and embeddings are fp32 after prepare_model_for_kbit_training, so is its stream;
-    # a 16-bit model's stream is 16-bit; fp16 autocast keeps fp32 weights.
-    stream = 4 if quantized or precision != "bf16" or device != "cuda" else 2
+    # A quantized model's norms and embeddings are fp32 after prepare_model_for_kbit_training (unless a bf16 run
+    # casts them back), so is its stream; a bf16 model's stream is bf16; fp16 autocast keeps fp32 weights.
+    sixteen_bit = precision == "bf16" and device == "cuda" and not (quantized and fp32_unquantized)
+    compute = 2 if autocast or sixteen_bit else 4
+    stream = weight_bytes = 2 if sixteen_bit else 4
     projection = stream if quantized else compute
-    weight_bytes = 2 if (precision == "bf16" and device == "cuda" and not quantized) else 4
     linear = shape.layers * shape.layer_weights()
     if quantization == "4bit":
-        weights = linear * NF4_BYTES_PER_WEIGHT + shape.other_weights() * 4
+        weights = linear * NF4_BYTES_PER_WEIGHT + shape.other_weights() * weight_bytes
     elif quantization == "8bit":
-        weights = linear * INT8_BYTES_PER_WEIGHT + shape.other_weights() * 4
+        weights = linear * INT8_BYTES_PER_WEIGHT + shape.other_weights() * weight_bytes
     else:
         weights = (linear + shape.other_weights()) * weight_bytes
 
@@ -243,7 +245,7 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
             "chunked": min(labelled_rows, loss_chunk_rows or labelled_rows)}[logits]
     per_logit = LOSS_BYTES_PER_LOGIT[("model_" if logits == "full" else "") + ("capped" if shape.softcapped
                                                                                 else "plain")]
-    head_is_fp32 = quantized or weight_bytes == 4
+    head_is_fp32 = weight_bytes == 4
     head_copy = shape.vocab * shape.hidden * compute if head_is_fp32 and compute < 4 else 0
     logit_bytes = rows * shape.vocab * per_logit + head_copy
     check = 0.0

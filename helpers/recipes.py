@@ -52,6 +52,7 @@ class Recipe:
     memory_budget_gib: float = 0.0      # what tokens_per_step and "auto" checkpointing must fit in; 0: 85% of the GPU
     loss_chunk_rows: int = 0            # > 0: labelled logits of at most this many rows at once (labelled_logits_only)
     torch_compile: bool | str = False   # True | False | "auto": on where a CUDA GPU trains (TrainingArguments)
+    fp32_unquantized: bool = True       # 4/8-bit: peft's fp32 norms and embeddings; False: bf16 where the run is bf16
 
     def validate(self):
         if self.max_steps <= 0 and self.epochs <= 0:

@@ -25,7 +25,7 @@ from helpers.distributed import is_main_process, start_processes, sum_across_pro
 from helpers.memory import StepPlan, epoch_capped_tokens, estimate_memory, plan_step
 from helpers.model_card import adapter_readme
 from helpers.multi_process import StopTogether, monitor_folder, open_run_folder
-from helpers.models import load_model, lora_targets, resolve_source
+from helpers.models import keep_unquantized_in, load_model, lora_targets, resolve_source
 from helpers.models.base_reference import base_model_reference
 from helpers.outputs import atomic_write_text, package_versions, peak_gpu_memory, shown_path, writing_into
 from helpers.precision import device_description, plan_precision
@@ -38,11 +38,13 @@ ESTIMATE_MARGIN = 0.92  # a memory_budget_gib is planned to 92% of itself: on th
 #                         came up to 7.4% above the estimate (polyglot-ko-12.8B shape, 23.6 GiB against 22.0 estimated)
 
 
-def prepare_lora(model, recipe: Recipe):
+def prepare_lora(model, recipe: Recipe, precision: str):
     """Checkpointing, k-bit preparation and LoRA, in the blog's order. Returns the peft model."""
     targets = lora_targets(model, recipe.lora_targets)
     if recipe.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+        if not recipe.fp32_unquantized and precision == "bf16":
+            keep_unquantized_in(model, torch.bfloat16)
     elif recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -101,7 +103,8 @@ def plan_step_size(recipe: Recipe, model, train_split, precision: str) -> tuple[
                                logits=logits, labelled_share=labelled, loss_chunk_rows=recipe.loss_chunk_rows,
                                attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
                                attended_length=recipe.max_length if recipe.packing else max(lengths),
-                               optimizer=recipe.optimizer, device="cuda" if cuda else "cpu")
+                               optimizer=recipe.optimizer, device="cuda" if cuda else "cpu",
+                               fp32_unquantized=recipe.fp32_unquantized)
 
     budget = recipe.memory_budget_gib * ESTIMATE_MARGIN if recipe.memory_budget_gib else (
         GPU_MEMORY_SHARE * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
@@ -216,7 +219,7 @@ def _train_in_locked_folder(recipe, model_id, data, out_dir, revision, report_to
         print(f"step: {recipe.batch_size} examples x {recipe.gradient_accumulation} (~{step_plan.tokens_per_step:,} "
               f"tokens), gradient checkpointing {'on' if recipe.gradient_checkpointing else 'off'} "
               f"({step_plan.reason}); {step_plan.estimate.summary()}")
-    model = prepare_lora(model, recipe)
+    model = prepare_lora(model, recipe, precision)
     base_model = _name_base_model(model, model_id, revision, verbose)
     if verbose:
         model.print_trainable_parameters()

@@ -6,7 +6,7 @@ folder's own Python files are never run (transformers would otherwise ask "run t
 bitsandbytes config from plain parameters.
 
 errors       ModelLoadError
-quantization quantization_config (precision and the device: helpers.precision)
+quantization quantization_config (precision and the device: helpers.precision), keep_unquantized_in
 embedded     the embedded model's converted cache (embedded_model_path) and convert_gguf
 sources      resolve_source: embedded, folder, .gguf file or hub id; hub errors
 custom_code  the refusal of models that need their own Python code
@@ -24,12 +24,12 @@ from helpers.models.embedded import (
 from helpers.models.errors import ModelLoadError
 from helpers.models.loading import ATTENTION_IMPLEMENTATIONS, attention_implementation, load_model, load_tokenizer
 from helpers.models.lora import ATTENTION_TARGETS, MLP_TARGETS, all_linear_names, attention_projections, lora_targets
-from helpers.models.quantization import QUANTIZATIONS, quantization_config
+from helpers.models.quantization import QUANTIZATIONS, keep_unquantized_in, quantization_config
 from helpers.models.sources import resolve_source
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS", "ATTENTION_TARGETS", "CONVERSION_MARKER", "DEFAULT_CACHE_DIR", "EMBEDDED_FOLDER_NAME",
     "EMBEDDED_MODEL", "MLP_TARGETS", "QUANTIZATIONS", "ModelLoadError", "all_linear_names", "attention_implementation",
-    "attention_projections", "convert_gguf", "embedded_model_path", "lora_targets", "load_model", "load_tokenizer",
-    "quantization_config", "resolve_source",
+    "attention_projections", "convert_gguf", "embedded_model_path", "keep_unquantized_in", "lora_targets",
+    "load_model", "load_tokenizer", "quantization_config", "resolve_source",
 ]

@@ -22,3 +22,18 @@ def quantization_config(quantization: str = "none", compute_dtype: torch.dtype =
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def keep_unquantized_in(model, dtype: torch.dtype) -> int:
+    """Cast what a 4/8-bit model leaves unquantized (embeddings, norms, an untied output layer) to ``dtype``; returns
+    how many tensors changed. peft's ``prepare_model_for_kbit_training`` makes them fp32, which makes the residual
+    stream fp32 too: every 4-bit projection then casts its input to the compute dtype and its output back, and the
+    stream's activations take twice the memory. A bf16 run casts them back to bf16 (call it before adding LoRA,
+    whose weights stay fp32 under autocast)."""
+    changed = 0
+    for param in model.parameters():
+        quantized = param.__class__.__name__ in ("Params4bit", "Int8Params") or param.dtype in (torch.int8, torch.uint8)
+        if not quantized and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed

@@ -181,3 +181,16 @@ def test_a_step_that_fits_keeps_the_tokens_asked_and_only_a_lowered_one_is_round
     budget = estimate_at(12288, False).total_gib + 0.01
     lowered = plan_step(estimate_at, 16383, budget_gib=budget)
     assert lowered.tokens_per_step % 256 == 0 and lowered.tokens_per_step < 16383
+
+
+def test_a_bf16_stream_halves_the_4bit_models_unquantized_weights_and_its_checkpointed_stream():
+    config = _config(POLYGLOT["polyglot-ko-5.8b"])
+    shape = ModelShape.from_config(config)
+    fp32, bf16 = (estimate_memory(config, 16384, gradient_checkpointing=True, fp32_unquantized=upcast)
+                  for upcast in (True, False))
+    assert fp32.weights_gib - bf16.weights_gib == pytest.approx(shape.other_weights() * 2 / 2**30)
+    kept_inputs = 16384 * 4096 * 28  # each layer's input, kept for the recompute
+    assert fp32.activations_gib - bf16.activations_gib == pytest.approx(kept_inputs * 2 / 2**30, rel=0.01)
+    # on a CPU, or in fp32, there is no bf16 stream to keep
+    assert estimate_memory(config, 512, device="cpu", fp32_unquantized=False) == estimate_memory(config, 512,
+                                                                                               device="cpu")

@@ -110,3 +110,27 @@ def test_architecture_outside_the_table_gets_its_attention_projections():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert lora_targets(model) == ["c_attn"]
     assert lora_targets(model, "c_attn,c_fc") == ["c_attn", "c_fc"]
+
+
+def test_a_bf16_run_keeps_what_4bit_leaves_unquantized_in_bf16_and_the_4bit_weights_as_they_are():
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from helpers.models import keep_unquantized_in
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=128, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    four_bit = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    four_bit.weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False, quant_type="nf4")
+    model.model.layers[0].self_attn.q_proj = four_bit.to("cpu")  # quantizes the weight
+    packed = model.model.layers[0].self_attn.q_proj.weight.data.clone()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.float32  # peft's upcast
+
+    changed = keep_unquantized_in(model, torch.bfloat16)
+    others = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
+    assert changed == len(others) and {p.dtype for p in others} == {torch.bfloat16}
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.data, packed)  # the 4-bit codes untouched
+    assert keep_unquantized_in(model, torch.bfloat16) == 0
