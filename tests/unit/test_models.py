@@ -112,12 +112,10 @@ def test_architecture_outside_the_table_gets_its_attention_projections():
     assert lora_targets(model, "c_attn,c_fc") == ["c_attn", "c_fc"]
 
 
-def test_a_bf16_run_keeps_what_4bit_leaves_unquantized_in_bf16_and_the_4bit_weights_as_they_are():
-    import bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from helpers.models import keep_unquantized_in
+def _tiny_llama_with_a_4bit_projection():
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, vocab_size=128, tie_word_embeddings=False)
@@ -125,12 +123,24 @@ def test_a_bf16_run_keeps_what_4bit_leaves_unquantized_in_bf16_and_the_4bit_weig
     four_bit = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     four_bit.weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False, quant_type="nf4")
     model.model.layers[0].self_attn.q_proj = four_bit.to("cpu")  # quantizes the weight
-    packed = model.model.layers[0].self_attn.q_proj.weight.data.clone()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.float32  # peft's upcast
+    return model
 
-    changed = keep_unquantized_in(model, torch.bfloat16)
-    others = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
-    assert changed == len(others) and {p.dtype for p in others} == {torch.bfloat16}
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.data, packed)  # the 4-bit codes untouched
-    assert keep_unquantized_in(model, torch.bfloat16) == 0
+
+@pytest.mark.parametrize("fp32_unquantized", [True, False])
+def test_a_bf16_run_may_keep_what_4bit_leaves_unquantized_in_bf16_and_still_trains_fp32_lora(fp32_unquantized):
+    from helpers.recipes import fast_recipe
+    from helpers.training import prepare_lora
+
+    model = _tiny_llama_with_a_4bit_projection()
+    packed = model.model.layers[0].self_attn.q_proj.weight.data.clone()
+    model = prepare_lora(model, fast_recipe(fp32_unquantized=fp32_unquantized, gradient_checkpointing=False), "bf16")
+    base = [p for n, p in model.named_parameters() if "lora_" not in n and p.__class__.__name__ != "Params4bit"]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert {p.dtype for p in base} == {torch.float32 if fp32_unquantized else torch.bfloat16}  # peft's upcast, or not
+    assert lora and {p.dtype for p in lora} == {torch.float32} and all(p.requires_grad for p in lora)
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.data, packed)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
