@@ -215,6 +215,11 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     sixteen_bit = precision == "bf16" and device == "cuda" and not (quantized and fp32_unquantized)
     compute = 2 if autocast or sixteen_bit else 4
     stream = weight_bytes = 2 if sixteen_bit else 4
+    if quantized and autocast and shape.family == "gpt_neox":
+        # autocast runs LayerNorm in fp32 and bitsandbytes returns its input's dtype, so the stream of a 4-bit
+        # GPT-NeoX turns fp32 at the first layer even where its weights are bf16 (H100, 2026-12-07: 15.2 GiB with
+        # bf16 norms and embeddings against 15.8 with fp32 ones, where a bf16 stream would have saved ~4 GiB)
+        stream = 4
     projection = stream if quantized else compute
     linear = shape.layers * shape.layer_weights()
     if quantization == "4bit":

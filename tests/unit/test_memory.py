@@ -96,6 +96,12 @@ MEASURED = [
     ("gemma loop 64k tokens", GEMMA_3_270M, dict(tokens=65536, quantization="none", logits="chunked",
                                                  labelled_share=1.0, loss_chunk_rows=4096, attended_length=2048,
                                                  autocast=False), 130.9),
+    # H100, 2026-12-07: the fast recipe at 16,384 tokens a step (34 packed rows of 512), 22 GiB budget, with peft's
+    # fp32 norms and embeddings and with bf16 ones (train_speed.csv; the run's own estimate said 10.59 for the
+    # second, before the estimate knew that a 4-bit GPT-NeoX's stream stays fp32 under autocast)
+    *[(f"5.8b fast 16k tokens, {'fp32' if upcast else 'bf16'} norms", POLYGLOT["polyglot-ko-5.8b"],
+       dict(tokens=34 * 512, gradient_checkpointing=True, logits="chunked", loss_chunk_rows=1024,
+            labelled_share=0.62, fp32_unquantized=upcast), peak) for upcast, peak in ((True, 15.799), (False, 15.198))],
 ]
 
 
@@ -107,7 +113,7 @@ def _config(fields):
 
 
 @pytest.mark.parametrize("name, fields, arguments, measured", MEASURED, ids=[row[0] for row in MEASURED])
-def test_the_estimate_is_within_15_percent_of_the_peaks_measured_on_the_h200(name, fields, arguments, measured):
+def test_the_estimate_is_within_15_percent_of_the_peaks_measured_on_gpus(name, fields, arguments, measured):
     arguments = {"quantization": "4bit", "precision": "bf16", "attention": "sdpa", **arguments}
     estimate = estimate_memory(_config(fields), **arguments)
     assert estimate.total_gib == pytest.approx(measured, rel=0.15), estimate.summary()
@@ -183,14 +189,21 @@ def test_a_step_that_fits_keeps_the_tokens_asked_and_only_a_lowered_one_is_round
     assert lowered.tokens_per_step % 256 == 0 and lowered.tokens_per_step < 16383
 
 
-def test_a_bf16_stream_halves_the_4bit_models_unquantized_weights_and_its_checkpointed_stream():
-    config = _config(POLYGLOT["polyglot-ko-5.8b"])
-    shape = ModelShape.from_config(config)
-    fp32, bf16 = (estimate_memory(config, 16384, gradient_checkpointing=True, fp32_unquantized=upcast)
+def test_a_bf16_stream_halves_the_unquantized_weights_and_the_checkpointed_stream_except_in_4bit_gpt_neox():
+    llama = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, vocab_size=32000)
+    fp32, bf16 = (estimate_memory(llama, 16384, gradient_checkpointing=True, fp32_unquantized=upcast)
                   for upcast in (True, False))
-    assert fp32.weights_gib - bf16.weights_gib == pytest.approx(shape.other_weights() * 2 / 2**30)
-    kept_inputs = 16384 * 4096 * 28  # each layer's input, kept for the recompute
-    assert fp32.activations_gib - bf16.activations_gib == pytest.approx(kept_inputs * 2 / 2**30, rel=0.01)
+    assert fp32.weights_gib - bf16.weights_gib == pytest.approx(ModelShape.from_config(llama).other_weights() * 2
+                                                                / 2**30)
+    halved_inputs = 16384 * 4096 * 32 * 2 / 2**30  # each layer's input, kept for the recompute, in 2 bytes less
+    # plus the recomputed layer's own stream-sized tensors
+    assert halved_inputs < fp32.activations_gib - bf16.activations_gib < 1.3 * halved_inputs
+    # LayerNorm under autocast gives fp32 and bitsandbytes keeps its input's dtype: the stream stays fp32
+    neox = _config(POLYGLOT["polyglot-ko-5.8b"])
+    fp32, bf16 = (estimate_memory(neox, 16384, gradient_checkpointing=True, fp32_unquantized=upcast)
+                  for upcast in (True, False))
+    assert fp32.activations_gib == bf16.activations_gib and bf16.weights_gib < fp32.weights_gib
     # on a CPU, or in fp32, there is no bf16 stream to keep
-    assert estimate_memory(config, 512, device="cpu", fp32_unquantized=False) == estimate_memory(config, 512,
-                                                                                               device="cpu")
+    assert estimate_memory(llama, 512, device="cpu", fp32_unquantized=False) == estimate_memory(llama, 512,
+                                                                                              device="cpu")
