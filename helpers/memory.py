@@ -9,8 +9,8 @@ lora         LoRA weights, their gradients and the optimizer state (AdamW: two f
 activations  what autograd keeps for the backward pass: every layer's saved tensors, or with gradient checkpointing
              only each layer's input plus one layer recomputed; the 4-bit weight dequantized while it is multiplied
 logits       the vocabulary logits the loss needs at once: every position (the model's own loss), the labelled
-             positions only, or ``loss_chunk_rows`` of them (helpers.losses.labelled_logits_loss); plus the 16-bit
-             copy of an fp32 output layer that autocast makes and keeps for the backward pass
+             positions only, or ``loss_chunk_rows`` of them (helpers.losses.labelled_logits_loss); plus, for the
+             model's own loss, the 16-bit copy of an fp32 output layer that autocast makes and keeps for backward
 check        the first step compares the labelled-logits loss with the model's own on a small slice of the batch
              (LabTrainer): full logits of that slice, before any activation exists
 
@@ -36,7 +36,9 @@ c the bytes of the compute dtype, m the bytes of a base projection's output):
 
 The loss peaks in its backward pass at 14 bytes a logit: the saved fp32 log-softmax, the gradient nll_loss hands
 it, the gradient of the fp32 logits and its 16-bit copy (2 + 4 + 4 + 4); final soft-capping (Gemma-2) keeps its
-fp32 tanh as well (18; the model's own loss caps in 16 bits: 16). Without a backward pass (the check): 10.
+fp32 tanh as well (18; the model's own loss caps in 16 bits: 16). The labelled-logits loss runs an fp32 head (a
+4-bit model's, after peft's upcast) in fp32, outside autocast: no 16-bit copies of the head or of the gradient
+(12; capped 16). Without a backward pass (the check): 10.
 
 Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
 CPU in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on an H200
@@ -248,10 +250,14 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     labelled_rows = max(1, int(tokens * labelled_share))
     rows = {"full": tokens, "labelled": labelled_rows,
             "chunked": min(labelled_rows, loss_chunk_rows or labelled_rows)}[logits]
+    head_is_fp32 = weight_bytes == 4
     per_logit = LOSS_BYTES_PER_LOGIT[("model_" if logits == "full" else "") + ("capped" if shape.softcapped
                                                                                 else "plain")]
-    head_is_fp32 = weight_bytes == 4
-    head_copy = shape.vocab * shape.hidden * compute if head_is_fp32 and compute < 4 else 0
+    if logits != "full" and head_is_fp32:
+        per_logit -= 2  # the labelled-logits loss runs an fp32 head in fp32: no 16-bit gradient copy
+    # autocast's 16-bit copy of an fp32 head, kept for backward: only the model's own loss runs the head under
+    # autocast (the labelled-logits loss runs it in its own dtype; the H100 profile of 2026-12-07 shows its fp32 GEMMs)
+    head_copy = shape.vocab * shape.hidden * compute if head_is_fp32 and compute < 4 and logits == "full" else 0
     logit_bytes = rows * shape.vocab * per_logit + head_copy
     check = 0.0
     if logits != "full":
