@@ -19,11 +19,11 @@ batches grouped by length), ``fast-small-steps`` (batch 2 instead of 16,384 toke
 model's own loss over every position), ``fast-fp32`` (no bf16), ``fast-checkpointing`` (always on),
 ``fast-compile`` (with torch.compile, which the fast recipe leaves off), ``fast-bf16-weights`` (no 4-bit
 quantization) and ``fast-bf16-unquantized`` (the norms and embeddings that 4-bit leaves unquantized kept in bf16
-instead of peft's fp32: a bf16 residual stream). Rows are named after what they changed in the fast recipe of their
-day (the settings columns say what ran): on 2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain
-AdamW, ``fast-compile`` fused AdamW compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not).
-``--tokens-per-step`` replaces the fast rows' step size and turns off their floor of 60 steps an epoch, so a row
-measures exactly the step it names.
+instead of peft's fp32; the residual stream too, except GPT-NeoX's, which autocast's LayerNorm keeps fp32). Rows
+are named after what they changed in the fast recipe of their day (the settings columns say what ran): on
+2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain AdamW, ``fast-compile`` fused AdamW
+compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not). ``--tokens-per-step`` replaces the fast
+rows' step size and turns off their floor of 60 steps an epoch, so a row measures exactly the step it names.
 
 What each column measures:
 

@@ -206,7 +206,7 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     dropout mask is a bool on CUDA, a tensor of the input's dtype on the CPU). autocast: None as a Trainer run
     has it (on for bf16 and fp16 on CUDA); False for a loop that runs 16-bit weights without it.
     fp32_unquantized: False where a bf16 run keeps a 4/8-bit model's unquantized weights in bf16
-    (helpers.models.keep_unquantized_in): its stream is then bf16, as a bf16 model's is.
+    (helpers.models.keep_unquantized_in): its stream is then bf16 as a bf16 model's is, except a GPT-NeoX's.
     """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     quantized = quantization != "none"

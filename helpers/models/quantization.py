@@ -26,10 +26,12 @@ def quantization_config(quantization: str = "none", compute_dtype: torch.dtype =
 
 def keep_unquantized_in(model, dtype: torch.dtype) -> int:
     """Cast what a 4/8-bit model leaves unquantized (embeddings, norms, an untied output layer) to ``dtype``; returns
-    how many tensors changed. peft's ``prepare_model_for_kbit_training`` makes them fp32, which makes the residual
-    stream fp32 too: every 4-bit projection then casts its input to the compute dtype and its output back, and the
-    stream's activations take twice the memory. A bf16 run casts them back to bf16 (call it before adding LoRA,
-    whose weights stay fp32 under autocast)."""
+    how many tensors changed. peft's ``prepare_model_for_kbit_training`` makes them fp32, and with them the residual
+    stream: every 4-bit projection then casts its input to the compute dtype and its output back, the stream's
+    activations take twice the memory, and an fp32 output layer runs fp32 products. A bf16 run may cast them back
+    (call it before adding LoRA, whose weights stay fp32 under autocast). GPT-NeoX's stream stays fp32 under
+    autocast all the same (its LayerNorm runs in fp32 there); Llama- and Gemma-style RMSNorms return their input's
+    dtype."""
     changed = 0
     for param in model.parameters():
         quantized = param.__class__.__name__ in ("Params4bit", "Int8Params") or param.dtype in (torch.int8, torch.uint8)

@@ -112,7 +112,6 @@ def test_architecture_outside_the_table_gets_its_attention_projections():
     assert lora_targets(model, "c_attn,c_fc") == ["c_attn", "c_fc"]
 
 
-
 def _tiny_llama_with_a_4bit_projection():
     import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM
