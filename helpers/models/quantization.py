@@ -34,7 +34,8 @@ def keep_unquantized_in(model, dtype: torch.dtype) -> int:
     dtype."""
     changed = 0
     for param in model.parameters():
-        quantized = param.__class__.__name__ in ("Params4bit", "Int8Params") or param.dtype in (torch.int8, torch.uint8)
+        # by class, not dtype: packed 4-bit weights may be stored in a float dtype (FSDP's quant_storage)
+        quantized = param.__class__.__name__ in ("Params4bit", "Int8Params")
         if not quantized and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             changed += 1
