@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-budget-gib", type=float, default=0.0, help="(fast) the recipe's memory budget")
     parser.add_argument("--tokens-per-step", type=int, default=0,
                         help="(fast) this step instead of the shipped data's floor of 60 steps an epoch (~1,000 tokens)")
-    parser.add_argument("--bf16-unquantized", action="store_true",
-                        help="(4/8-bit, bf16) keep the unquantized norms and embeddings in bf16, not fp32")
+    parser.add_argument("--fp32-unquantized", action="store_true",
+                        help="(fast, 4/8-bit, bf16) peft's fp32 norms and embeddings, not the fast recipe's bf16 ones")
     parser.add_argument("--out", type=Path, default=Path("outputs/profile"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.recipe == "fast":
         step = {"tokens_per_step": args.tokens_per_step, "min_steps_per_epoch": 0} if args.tokens_per_step else {}
         recipe = fast_recipe(max_steps=steps, quantization=args.quantization, memory_budget_gib=args.memory_budget_gib,
-                             logging_steps=5, fp32_unquantized=not args.bf16_unquantized, **step)
+                             logging_steps=5, fp32_unquantized=args.fp32_unquantized, **step)
     else:
         recipe = fixed_recipe(max_steps=steps, batch_size=args.batch_size, quantization=args.quantization,
                               gradient_checkpointing=False, logging_steps=5)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     averages = probe.profiler.key_averages()
     plan = run.summary["step_plan"]
     tag = (f"fast_{plan['tokens_per_step']}tok_{args.quantization}" if args.recipe == "fast"
-           else f"bs{args.batch_size}_{args.quantization}") + ("_bf16_unquantized" if args.bf16_unquantized else "")
+           else f"bs{args.batch_size}_{args.quantization}") + ("_fp32_unquantized" if args.fp32_unquantized else "")
     (args.out / f"ops_by_cpu_{tag}.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=30))
     (args.out / f"ops_by_device_{tag}.txt").write_text(averages.table(sort_by=device_column, row_limit=30))
     summary = {"recipe": args.recipe, "batch_size": run.recipe.batch_size, "tokens_per_step": plan["tokens_per_step"],

@@ -18,12 +18,13 @@ batches grouped by length), ``fast-small-steps`` (batch 2 instead of 16,384 toke
 (fused instead of plain AdamW), ``fast-unchunked-loss`` (every labelled logit at once), ``fast-all-logits`` (the
 model's own loss over every position), ``fast-fp32`` (no bf16), ``fast-checkpointing`` (always on),
 ``fast-compile`` (with torch.compile, which the fast recipe leaves off), ``fast-bf16-weights`` (no 4-bit
-quantization) and ``fast-bf16-unquantized`` (the norms and embeddings that 4-bit leaves unquantized kept in bf16
-instead of peft's fp32; the residual stream too, except GPT-NeoX's, which autocast's LayerNorm keeps fp32). Rows
-are named after what they changed in the fast recipe of their day (the settings columns say what ran): on
-2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain AdamW, ``fast-compile`` fused AdamW
-compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not). ``--tokens-per-step`` replaces the fast
-rows' step size and turns off their floor of 60 steps an epoch, so a row measures exactly the step it names.
+quantization) and ``fast-fp32-unquantized`` (peft's fp32 norms and embeddings, and with them an fp32 residual
+stream, instead of the fast recipe's bf16 ones). Rows are named after what they changed in the fast recipe of their
+day (the settings columns say what ran): on 2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain
+AdamW, ``fast-compile`` fused AdamW compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not),
+and later that day it kept fp32 norms and embeddings (``fast-bf16-unquantized`` kept bf16 ones, as it now does).
+``--tokens-per-step`` replaces the fast rows' step size and turns off their floor of 60 steps an epoch, so a row
+measures exactly the step it names.
 
 What each column measures:
 
@@ -66,7 +67,7 @@ from benchmarks.results_csv import append_rows
 RESULTS = Path("benchmarks/results/train_speed.csv")
 ROWS = ("blog", "baseline", "fast", "fast-no-packing", "fast-small-steps", "fast-fused-adamw", "fast-unchunked-loss",
         "fast-all-logits", "fast-fp32", "fast-checkpointing", "fast-compile", "fast-bf16-weights",
-        "fast-bf16-unquantized")
+        "fast-fp32-unquantized")
 SETTINGS = ["tokens_per_step", "batch_size", "packing", "gradient_checkpointing", "optimizer", "loss_chunk_rows",
             "labelled_logits_only", "precision", "quantization", "torch_compile", "labels", "learning_rate",
             "memory_budget_gib", "fp32_unquantized"]
@@ -90,7 +91,7 @@ def row_recipe(row: str, **overrides):
                "fast-all-logits": {"labelled_logits_only": False, "loss_chunk_rows": 0},
                "fast-fp32": {"precision": "fp32"}, "fast-checkpointing": {"gradient_checkpointing": True},
                "fast-compile": {"torch_compile": True}, "fast-bf16-weights": {"quantization": "none"},
-               "fast-bf16-unquantized": {"fp32_unquantized": False}}[row]
+               "fast-fp32-unquantized": {"fp32_unquantized": True}}[row]
     return fast_recipe(**{**without, **overrides})
 
 

@@ -22,7 +22,8 @@ size, q = heads x head_dim, kv = key/value heads x head_dim, s the bytes of the 
 c the bytes of the compute dtype, m the bytes of a base projection's output):
 
 - every RMSNorm keeps its fp32 input (4h); Gemma-3 has four a layer plus q/k norms (4q + 4kv), Llama two;
-  GPT-NeoX's two LayerNorms read the same input, kept once in fp32 (twice when autocast casts a 16-bit stream)
+  GPT-NeoX's two LayerNorms read the same input, kept once in fp32 (twice when autocast casts a 16-bit stream;
+  once in the stream's dtype where helpers.models.keep_unquantized_in runs them in their bf16 weights' dtype)
 - every LoRA-adapted projection with input size d keeps its dropout mask (a bool on CUDA, the input's dtype on the
   CPU) and the input of lora_A: d(1 + c) under autocast; without autocast peft casts that input to the fp32 LoRA
   weights' dtype, d(1 + 4); the frozen base weight needs no saved input (bitsandbytes' 4-bit matmul saves none)
@@ -36,9 +37,10 @@ c the bytes of the compute dtype, m the bytes of a base projection's output):
 
 The loss peaks in its backward pass at 14 bytes a logit: the saved fp32 log-softmax, the gradient nll_loss hands
 it, the gradient of the fp32 logits and its 16-bit copy (2 + 4 + 4 + 4); final soft-capping (Gemma-2) keeps its
-fp32 tanh as well (18; the model's own loss caps in 16 bits: 16). The labelled-logits loss runs an fp32 head (a
-4-bit model's, after peft's upcast) in fp32, outside autocast: no 16-bit copies of the head or of the gradient
-(12; capped 16). Without a backward pass (the check): 10.
+fp32 tanh as well (18; the model's own loss caps in 16 bits: 16). The labelled-logits loss runs the head in its
+own dtype, outside autocast: no 16-bit copy of an fp32 head, and a bf16 head's logits and their gradient are cast
+to and from fp32 where nothing else of that size is alive (12; capped 16; the gemma-3-270m row with a bf16 head,
+H100 2026-12-07, peaked 18% under 14 bytes' estimate). Without a backward pass (the check): 10.
 
 Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
 CPU in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on an H200
@@ -165,13 +167,16 @@ def _lora_targets(shape: ModelShape, targets) -> list[str]:
 
 def layer_activation_bytes(shape: ModelShape, *, stream_bytes: int, compute_bytes: int, projection_bytes: int,
                            targets: list[str], lora_r: int, lora_dropout: float, attention: str,
-                           attended_length: int, mask_bytes: int, autocast: bool) -> float:
+                           attended_length: int, mask_bytes: int, autocast: bool,
+                           layer_norm_in_stream_dtype: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring for each term)."""
     h, q, kv, c = shape.hidden, shape.q_dim, shape.kv_dim, compute_bytes
     if shape.family == "gemma3":
         norms = 4 * 4 * h + 4 * (q + kv)
     elif shape.family == "llama":
         norms = 2 * 4 * h
+    elif layer_norm_in_stream_dtype:  # two LayerNorms on one input, outside autocast (keep_unquantized_in)
+        norms = stream_bytes * h
     else:  # two LayerNorms on one input: shared, unless autocast makes each its own fp32 copy of a 16-bit stream
         norms = 4 * h * (2 if autocast and stream_bytes < 4 else 1)
     projections = shape.projections()
@@ -206,7 +211,8 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     dropout mask is a bool on CUDA, a tensor of the input's dtype on the CPU). autocast: None as a Trainer run
     has it (on for bf16 and fp16 on CUDA); False for a loop that runs 16-bit weights without it.
     fp32_unquantized: False where a bf16 run keeps a 4/8-bit model's unquantized weights in bf16
-    (helpers.models.keep_unquantized_in): its stream is then bf16 as a bf16 model's is, except a GPT-NeoX's.
+    (helpers.models.keep_unquantized_in): its stream is then bf16 as a bf16 model's is (GPT-NeoX's too: its
+    LayerNorms then run in bf16 outside autocast).
     """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     quantized = quantization != "none"
@@ -217,11 +223,6 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     sixteen_bit = precision == "bf16" and device == "cuda" and not (quantized and fp32_unquantized)
     compute = 2 if autocast or sixteen_bit else 4
     stream = weight_bytes = 2 if sixteen_bit else 4
-    if quantized and autocast and shape.family == "gpt_neox":
-        # autocast runs LayerNorm in fp32 and bitsandbytes returns its input's dtype, so the stream of a 4-bit
-        # GPT-NeoX turns fp32 at the first layer even where its weights are bf16 (H100, 2026-12-07: 15.2 GiB with
-        # bf16 norms and embeddings against 15.8 with fp32 ones, where a bf16 stream would have saved ~4 GiB)
-        stream = 4
     projection = stream if quantized else compute
     linear = shape.layers * shape.layer_weights()
     if quantization == "4bit":
@@ -239,7 +240,8 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     per_layer = layer_activation_bytes(shape, stream_bytes=stream, compute_bytes=compute, projection_bytes=projection,
                                        targets=targets, lora_r=lora_r, lora_dropout=lora_dropout,
                                        attention=attention, attended_length=attended_length,
-                                       mask_bytes=1 if device == "cuda" else stream, autocast=autocast)
+                                       mask_bytes=1 if device == "cuda" else stream, autocast=autocast,
+                                       layer_norm_in_stream_dtype=quantized and sixteen_bit)
     kept_layers = tokens * shape.hidden * stream * shape.layers + tokens * per_layer if gradient_checkpointing \
         else tokens * per_layer * shape.layers
     final_norm = tokens * shape.hidden * 4
@@ -250,14 +252,13 @@ def estimate_memory(config, tokens: int, *, quantization: str = "4bit", precisio
     labelled_rows = max(1, int(tokens * labelled_share))
     rows = {"full": tokens, "labelled": labelled_rows,
             "chunked": min(labelled_rows, loss_chunk_rows or labelled_rows)}[logits]
-    head_is_fp32 = weight_bytes == 4
     per_logit = LOSS_BYTES_PER_LOGIT[("model_" if logits == "full" else "") + ("capped" if shape.softcapped
                                                                                 else "plain")]
-    if logits != "full" and head_is_fp32:
-        per_logit -= 2  # the labelled-logits loss runs an fp32 head in fp32: no 16-bit gradient copy
+    if logits != "full":
+        per_logit -= 2  # the labelled-logits loss runs the head outside autocast: no 16-bit gradient kept beside it
     # autocast's 16-bit copy of an fp32 head, kept for backward: only the model's own loss runs the head under
     # autocast (the labelled-logits loss runs it in its own dtype; the H100 profile of 2026-12-07 shows its fp32 GEMMs)
-    head_copy = shape.vocab * shape.hidden * compute if head_is_fp32 and compute < 4 and logits == "full" else 0
+    head_copy = shape.vocab * shape.hidden * compute if weight_bytes == 4 and compute < 4 and logits == "full" else 0
     logit_bytes = rows * shape.vocab * per_logit + head_copy
     check = 0.0
     if logits != "full":

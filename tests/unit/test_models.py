@@ -143,3 +143,41 @@ def test_a_bf16_run_may_keep_what_4bit_leaves_unquantized_in_bf16_and_still_trai
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+
+
+def test_bf16_unquantized_layer_norms_run_in_bf16_where_autocast_would_run_them_in_fp32():
+    import bitsandbytes as bnb
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from helpers.models.quantization import layer_norm_in_weight_dtype
+    from helpers.recipes import fast_recipe
+    from helpers.training import prepare_lora
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64).to(torch.bfloat16)
+    hidden = torch.randn(3, 64) * 5 + 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normed = layer_norm_in_weight_dtype(norm, hidden)
+    exact = torch.nn.functional.layer_norm(hidden, (64,), norm.weight.float(), norm.bias.float())
+    assert normed.dtype == torch.bfloat16 and torch.allclose(normed.float(), exact, atol=0.02)
+
+    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=128)
+    model = GPTNeoXForCausalLM(config).to(torch.bfloat16)
+    four_bit = bnb.nn.Linear4bit(64, 192, compute_dtype=torch.bfloat16, quant_type="nf4")
+    four_bit.weight = bnb.nn.Params4bit(torch.randn(192, 64) * 0.1, requires_grad=False, quant_type="nf4")
+    four_bit.bias = torch.nn.Parameter(torch.zeros(192, dtype=torch.bfloat16), requires_grad=False)
+    model.gpt_neox.layers[0].attention.query_key_value = four_bit.to("cpu")
+    model = prepare_lora(model, fast_recipe(fp32_unquantized=False, gradient_checkpointing=False), "bf16")
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and all(norm(torch.randn(2, 64)).dtype == torch.bfloat16 for norm in norms)  # fp32 in
+    norm_outputs = []
+    for norm in norms:
+        norm.register_forward_hook(lambda _module, _args, output: norm_outputs.append(output.dtype))
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    out.loss.backward()
+    assert len(norm_outputs) == 5 and set(norm_outputs) == {torch.bfloat16}  # two a layer and the final one
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16}  # the residual stream
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters() if "lora_" in n)

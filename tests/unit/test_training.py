@@ -1,4 +1,5 @@
 """The fixed recipe's loss from labelled logits only: same value and gradients as the model's own loss."""
+import copy
 import functools
 import json
 import sys
@@ -48,6 +49,24 @@ def test_labelled_logits_loss_equals_the_models_loss_and_gradients(tiny_model_di
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     for mine, reference in zip((p.grad for p in model.parameters()), their_grads):
         assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_labelled_logits_loss_asks_for_no_hidden_states_and_keeps_none(tiny_model_dir, tokenizer):
+    # every layer's hidden states, cast to fp32 by mixed precision, were 5 GiB of a 5.8B step's peak (GPU, 2026-12-07)
+    batch = _batch(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    asked = []
+    model.register_forward_pre_hook(lambda _module, _args, kwargs: asked.append(kwargs.get("output_hidden_states")),
+                                    with_kwargs=True)
+    first = labelled_logits_loss(model, batch)
+    copied = copy.deepcopy(model)  # the copy catches its own decoder's output
+    assert asked == [None] and torch.allclose(labelled_logits_loss(copied, batch), first)
+    assert torch.allclose(labelled_logits_loss(model, batch), first)  # the hook is added once, not per call
+    assert len(model.get_decoder()._forward_hooks) == 1 and model.get_decoder()._last_hidden_state == []
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1])
+    assert len(model.get_decoder()._last_hidden_state) == 1  # other forward passes leave the last one only
 
 
 def _tiny_fixed_run(tiny_model_dir, tmp_path, **overrides):
