@@ -27,8 +27,9 @@ c the bytes of the compute dtype, m the bytes of a base projection's output):
 - every LoRA-adapted projection with input size d keeps its dropout mask (a bool on CUDA, the input's dtype on the
   CPU) and the input of lora_A: d(1 + c) under autocast; without autocast peft casts that input to the fp32 LoRA
   weights' dtype, d(1 + 4); the frozen base weight needs no saved input (bitsandbytes' 4-bit matmul saves none)
-- a fused attention kernel keeps q, k, v and its output: c(2q + 2kv); sdpa at head_dim > 128, where PyTorch fell
-  back to its math kernel, also keeps the probabilities, heads x length x (4 + c) a token; eager attention keeps
+- sdpa's fused kernel keeps q, k, v, its output and its fp32 log-sum-exp per head, plus the attention mask that
+  packed rows and padded batches pass, cast to the compute dtype: c(2q + 2kv) + 4 heads + c x length (cuDNN's
+  kernel on an H100 at head sizes 128 and 256, with and without masks and GQA, 2026-12-07); eager attention keeps
   q, k, v and its fp32 softmax with the 16-bit copy of it, c(q + 2kv) + heads x length x (4 + c);
   GPT-NeoX's v is a view of its fused q/k/v output, which stays alive whole (c(q + kv) more) unless autocast has
   to cast it
@@ -45,9 +46,9 @@ H100 2026-12-07, peaked 18% under 14 bytes' estimate). Without a backward pass (
 Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
 CPU in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on an H200
 (docs/measurements/real_shapes_h200_2026-12-01.md: polyglot-ko-12.8b 4-bit batch 4 with checkpointing 8.2 GiB,
-5.8b 4.3 GiB; the H200 speed figures of 2026-12-01: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB, the
-plain PyTorch loop at 16,384 tokens 42.2 GiB and 65,536 tokens 130.9 GiB), all within 15% at the token counts
-the test states. The head_dim > 128 fallback is inferred from the last two, not observed directly.
+5.8b 4.3 GiB; the H200 speed figures of 2026-12-01: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB;
+the train_speed rows of 2026-12-02 and 2026-12-07), all within 15% at the token counts the test states. The
+attention term is measured by benchmarks/attention_memory.py.
 """
 from __future__ import annotations
 
@@ -64,7 +65,6 @@ INT8_BYTES_PER_WEIGHT = 1.0
 OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0}
 ADAMW_STATE_BYTES = 8  # two fp32 moments: adamw_torch, adamw_torch_fused and the rest
 LOSS_BYTES_PER_LOGIT = {"capped": 18, "plain": 14, "model_capped": 16, "model_plain": 14, "no_grad": 10}
-FUSED_ATTENTION_MAX_HEAD_DIM = 128  # above this, sdpa's fused kernels gave way to the math kernel on the H200
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,8 @@ def layer_activation_bytes(shape: ModelShape, *, stream_bytes: int, compute_byte
                for name in targets)
     if attention == "eager":  # q, k, v and the fp32 softmax (plus its 16-bit copy); the output is not kept
         attention_bytes = c * (q + 2 * kv) + shape.heads * attended_length * (4 + (c if c < 4 else 0))
-    else:  # a fused kernel keeps its output too; the math kernel it falls back to keeps the probabilities
-        attention_bytes = c * (2 * q + 2 * kv)
-        if shape.head_dim > FUSED_ATTENTION_MAX_HEAD_DIM:
-            attention_bytes += shape.heads * attended_length * (4 + c)
+    else:  # a fused kernel keeps its output, its log-sum-exp and the mask in the compute dtype, never the scores
+        attention_bytes = c * (2 * q + 2 * kv) + 4 * shape.heads + c * attended_length
     if shape.family == "gpt_neox" and projection_bytes == c:
         attention_bytes += c * (q + kv)
     mlp = (shape.intermediate if shape.family == "gpt_neox" else 3 * shape.intermediate) * projection_bytes
