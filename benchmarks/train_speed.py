@@ -22,7 +22,9 @@ quantization) and ``fast-fp32-unquantized`` (peft's fp32 norms and embeddings, a
 stream, instead of the fast recipe's bf16 ones). Rows are named after what they changed in the fast recipe of their
 day (the settings columns say what ran): on 2026-12-02 it had fused AdamW and no compile (``fast-adamw`` ran plain
 AdamW, ``fast-compile`` fused AdamW compiled); on 2026-12-07 it compiled on a GPU (``fast-no-compile`` did not),
-and later that day it kept fp32 norms and embeddings (``fast-bf16-unquantized`` kept bf16 ones, as it now does).
+and later that day it kept fp32 norms and embeddings (``fast-bf16-unquantized`` kept bf16 ones, as it now does);
+until that night, where a step needed checkpointing, the fast rows had it (``fast`` now accumulates micro-batches
+instead, where they keep 4,096 tokens or more; ``fast-checkpointing`` is the old way; see gradient_accumulation).
 ``--tokens-per-step`` replaces the fast rows' step size and turns off their floor of 60 steps an epoch, so a row
 measures exactly the step it names.
 
@@ -74,7 +76,7 @@ SETTINGS = ["tokens_per_step", "batch_size", "packing", "gradient_checkpointing"
 COLUMNS = ["date", "gpu", "model_shape", "weights", "recipe", "tokens_per_s", "seconds_per_step", "peak_gib",
            "estimated_peak_gib", "mfu", "eval_loss", "eval_at_tokens", "torch", "transformers", "peft", "bitsandbytes",
            *SETTINGS[:-1], "attn_implementation", "timed_steps", "steps", "train_tokens", "flops_per_token",
-           "peak_tflops", SETTINGS[-1]]  # fp32_unquantized came last, after the other columns (2026-12-07)
+           "peak_tflops", SETTINGS[-1], "gradient_accumulation"]  # the last two came later (2026-12-07)
 
 
 def row_recipe(row: str, **overrides):
@@ -225,6 +227,7 @@ def measure_one(row: str, shape: str, model_id: str, weights: str, train_tokens:
         **{name: versions.get(name, "") for name in ("torch", "transformers", "peft", "bitsandbytes")},
         **settings, "tokens_per_step": card["step_plan"]["tokens_per_step"], "optimizer": card["optimizer"],
         "precision": run.precision, "attn_implementation": card["attn_implementation"],
+        "gradient_accumulation": run.recipe.gradient_accumulation,
         "timed_steps": timing["timed_steps"], "steps": card["global_step"], "train_tokens": train_tokens,
         "flops_per_token": flops_per_token, "peak_tflops": round(peak_flops / 1e12, 4)}
 

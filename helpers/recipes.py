@@ -118,6 +118,10 @@ def fast_recipe(**overrides) -> Recipe:
     60 steps an epoch: on that small split (~60k tokens) the eval loss after one epoch was +1.5% over batch 2 at
     1,024 tokens a step, +4.1% at 4,096 and +7.1% at 16,384 (few large steps learn less from the same tokens); a
     user's larger data keeps the full 16,384.
+    Where that step does not fit the memory budget as it is, ``gradient_checkpointing="auto"`` first cuts it into
+    accumulated micro-batches of 4,096 tokens or more (helpers.step_size), and checkpoints only where those do not
+    fit either: the polyglot-ko-5.8B shape (random weights, H100, 2026-12-07, 22 GiB budget) ran 14.1k tokens/s in
+    four micro-batches at 16.0 GiB against 11.6k tokens/s checkpointed at 9.9 GiB, the recompute costing more.
     torch.compile stays off (``torch_compile=True`` or ``"auto"`` turns it on): it ran the 270M model's 16,384-token
     step 2.5x faster (74.7k tokens/s), but on an H100 (2026-12-07) its compilations cost minutes where training the
     shipped data takes seconds (92 s before the first step at 768 tokens a step; the benchmark row's process ~7 min

@@ -118,6 +118,11 @@ MEASURED = [
     ("5.8b fast 8k tokens, no checkpointing", POLYGLOT["polyglot-ko-5.8b"],
      dict(tokens=18 * 512, logits="chunked", loss_chunk_rows=1024, labelled_share=0.62, fp32_unquantized=False),
      28.479),
+    # H100, 2026-12-07: 16,384 tokens a step on a 22 GiB budget as 4 accumulated micro-batches without checkpointing
+    # (helpers.step_size); the planner estimates the largest of its draws, 10 packed rows
+    ("5.8b fast 16k tokens in 4 micro-batches", POLYGLOT["polyglot-ko-5.8b"],
+     dict(tokens=10 * 512, logits="chunked", loss_chunk_rows=1024, labelled_share=0.62, fp32_unquantized=False),
+     15.966),
     ("5.8b fast 16k tokens, bf16 weights", POLYGLOT["polyglot-ko-5.8b"],
      dict(tokens=34 * 512, quantization="none", gradient_checkpointing=True, logits="chunked", loss_chunk_rows=1024,
           labelled_share=0.62), 18.077),
@@ -247,3 +252,19 @@ def test_sdpa_keeps_a_log_sum_exp_and_its_mask_but_no_scores(tmp_path):
                                                 autocast=True, layer_norm_in_stream_dtype=True)
                  for length in (0, 512)}
     assert shape.head_dim == 256 and per_layer[512] - per_layer[0] == 2 * 512
+
+
+def test_auto_accumulates_micro_batches_before_it_checkpoints():
+    from helpers.step_size import MIN_MICRO_BATCH_TOKENS, accumulated_plan
+    estimate_at = _estimates(_config(POLYGLOT["polyglot-ko-5.8b"]))
+    per_split = lambda tokens, checkpointing, accumulation: estimate_at(tokens // accumulation, checkpointing)
+    roomy = estimate_at(16384, False).total_gib + 0.01
+    assert accumulated_plan(per_split, 16384, roomy, 1)[0] == 1
+    # a 24 GB card: the 16,384 tokens stay, in the fewest micro-batches that fit, none under the minimum
+    split, plan = accumulated_plan(per_split, 16384, 19.8, 1)
+    assert split > 1 and plan.tokens_per_step == 16384 and not plan.gradient_checkpointing
+    assert plan.estimate.total_gib <= 19.8 < per_split(16384, False, split - 1).total_gib
+    assert 16384 // split >= MIN_MICRO_BATCH_TOKENS and f"{split} micro-batches" in plan.reason
+    # where only micro-batches under the minimum would fit, it is left to plan_step (checkpointing)
+    assert accumulated_plan(per_split, 16384, per_split(16384, False, 4).total_gib - 0.01, 1) == (1, None)
+    assert accumulated_plan(per_split, MIN_MICRO_BATCH_TOKENS - 1, 100.0, 1) == (1, None)

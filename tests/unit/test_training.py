@@ -253,3 +253,20 @@ def test_a_memory_budget_is_planned_with_the_estimates_margin(tiny_model_dir, tm
                 save_adapter=False, verbose=False)
     assert run.summary["step_plan"]["budget_gib"] == pytest.approx(9.0)
     assert run.summary["memory_estimate"]["total_gib"] <= 9.0
+
+
+def test_two_accumulated_micro_batches_train_as_one_batch_of_both(tiny_model_dir, tmp_path):
+    # the step "auto" checkpointing accumulates instead of recomputing must be the same step: same examples, same
+    # loss normalisation (num_items_in_batch over both micro-batches), same update
+    adapters = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        recipe = fast_recipe(quantization="none", precision="fp32", tokens_per_step=0, batch_size=batch_size,
+                             gradient_accumulation=accumulation, lora_dropout=0.0, max_steps=2, logging_steps=1)
+        run = train(recipe, model_id=str(tiny_model_dir), out_dir=tmp_path / f"{batch_size}x{accumulation}",
+                    report_to="none", max_rows=24, save_adapter=False, verbose=False)
+        assert (run.recipe.batch_size, run.recipe.gradient_accumulation) == (batch_size, accumulation)
+        adapters.append({n: p.detach().clone() for n, p in run.model.named_parameters() if "lora_" in n})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name, weight in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in adapters[0].items() if "lora_B" in n)
