@@ -30,6 +30,7 @@ from helpers.recipes import Recipe
 from helpers.step_size import plan_step_size
 from helpers.trainer import LabTrainer, training_arguments
 
+
 def prepare_lora(model, recipe: Recipe, precision: str):
     """Checkpointing, k-bit preparation and LoRA, in the blog's order. Returns the peft model."""
     targets = lora_targets(model, recipe.lora_targets)
