@@ -43,12 +43,12 @@ own dtype, outside autocast: no 16-bit copy of an fp32 head, and a bf16 head's l
 to and from fp32 where nothing else of that size is alive (12; capped 16; the gemma-3-270m row with a bf16 head,
 H100 2026-12-07, peaked 18% under 14 bytes' estimate). Without a backward pass (the check): 10.
 
-Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
-CPU in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on an H200
-(docs/measurements/real_shapes_h200_2026-12-01.md: polyglot-ko-12.8b 4-bit batch 4 with checkpointing 8.2 GiB,
-5.8b 4.3 GiB; the H200 speed figures of 2026-12-01: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB;
-the train_speed rows of 2026-12-02 and 2026-12-07), all within 15% at the token counts the test states. The
-attention term is measured by benchmarks/attention_memory.py.
+Checked against: the saved tensors of one layer counted with ``torch.autograd.graph.saved_tensors_hooks`` on the CPU
+in fp32 (tests/unit/test_memory.py, gemma3/llama/gpt_neox, within 10%); and the peaks measured on H200s and H100s
+(docs/measurements/real_shapes_h200_2026-12-01.md: polyglot-ko-12.8b 4-bit batch 4 with checkpointing 8.2 GiB, 5.8b
+4.3 GiB; the H200 speed figures of 2026-12-01: gemma-3-270m fixed recipe batch 2 1.9 GiB, blog 2.4 GiB; the
+train_speed rows of 2026-12-02 (H200) and 2026-12-07 (both)), all within 15% at the token counts the test states.
+The attention term is measured by benchmarks/attention_memory.py.
 """
 from __future__ import annotations
 

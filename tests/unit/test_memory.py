@@ -1,4 +1,4 @@
-"""The memory estimate: each layer's saved tensors as autograd keeps them, the peaks measured on an H200, and the
+"""The memory estimate: each layer's saved tensors as autograd keeps them, the peaks measured on GPUs, and the
 choice of tokens a step and checkpointing under a budget."""
 import json
 
@@ -73,9 +73,10 @@ def test_a_layers_activations_match_what_autograd_saves_on_the_cpu(family, atten
     assert estimated == pytest.approx(measured, rel=0.10), (estimated, measured)
 
 
-# (name, config, estimate arguments, peak GiB allocated measured on the H200). Token counts: the real-shape runs
-# trained the shipped data through a stand-in BPE (77.5 tokens an example on average, 154 at most; batches of 4 and
-# 2 grouped by length, padded to ~130); gemma-3-270m's tokenizer gives 120 on average, 242 at most (~200 padded).
+# (name, config, estimate arguments, peak GiB allocated measured on an H200, or an H100 where the row says so).
+# Token counts: the real-shape runs trained the shipped data through a stand-in BPE (77.5 tokens an example on
+# average, 154 at most; batches of 4 and 2 grouped by length, padded to ~130); gemma-3-270m's tokenizer gives 120
+# on average, 242 at most (~200 padded).
 MEASURED = [
     ("12.8b fixed batch 4", POLYGLOT["polyglot-ko-12.8b"], dict(tokens=520, gradient_checkpointing=True,
                                                                 labelled_share=0.62, attended_length=130), 8.195),
